@@ -1,0 +1,1 @@
+"""Message and page templates shipped with bulksend (bulksend.templates in the wheel)."""
