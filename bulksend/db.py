@@ -63,14 +63,22 @@ def create_engine(url: str) -> Engine:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """A write transaction: committed when the block ends, rolled back if it raises."""
+def transaction(engine: Engine, *, rollback: bool = False, immediate: bool = True
+                ) -> Iterator[Connection]:
+    """A write transaction: committed when the block ends, rolled back if it raises.
+
+    `rollback=True` undoes everything even on success (dry runs). `immediate=False` lets a
+    long SQLite transaction that first fills temporary tables take the write lock only at
+    its first write to the database itself, so other writers are held up for less time.
+    """
     try:
         with engine.connect() as connection:
-            if engine.dialect.name == "sqlite":
+            if engine.dialect.name == "sqlite" and immediate:
                 connection.execution_options(sqlite_begin="IMMEDIATE")
-            with connection.begin():
+            with connection.begin() as tx:
                 yield connection
+                if rollback:
+                    tx.rollback()
     except sa.exc.OperationalError as exc:
         raise StoreError(f"database {display_url(engine.url)}: {_reason(exc)}") from exc
 

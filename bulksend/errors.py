@@ -7,6 +7,7 @@ so the CLI can print it as one line and exit 1::
     ├── ConfigError               bulksend.toml is missing, malformed or invalid
     ├── StoreError                the database cannot be opened, migrated or written
     ├── ImportFileError           a subscriber file cannot be imported as a whole
+    ├── AddressError              an email address given by the user is not valid
     ├── NotFound                  a named list, subscriber, campaign or account does not exist
     └── StateError                an operation is illegal in the resource's current state
 """
@@ -28,6 +29,10 @@ class StoreError(BulksendError):
 
 class ImportFileError(BulksendError):
     """A subscriber file cannot be imported as a whole (not text, no email column, ...)."""
+
+
+class AddressError(BulksendError):
+    """An email address given on the command line is not valid."""
 
 
 class NotFound(BulksendError):

@@ -1,0 +1,218 @@
+"""Subscriber lists: importing files into them, showing and exporting their members.
+
+An import is all or nothing: rows are staged and merged inside one transaction, so a bad
+file, a crash or Ctrl-C leaves the store exactly as it was, and `--dry-run` runs the whole
+merge and rolls it back to report exact counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sqlalchemy.engine import Engine
+
+from bulksend import db, importer, store
+from bulksend.errors import AddressError, BulksendError, ImportFileError
+
+BATCH = 5_000
+ON_EXISTING = ("update", "skip")
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+Progress = Callable[[int, int], None]  # (bytes read, file size)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """The outcome of an import; the first seven counts add up to `rows`."""
+
+    rows: int
+    imported: int
+    updated: int
+    skipped: int
+    duplicates: int
+    invalid: int
+    suppressed: int
+    rejects_file: str | None
+    still_unsubscribed: int
+    encoding: str
+    delimiter: str
+    dry_run: bool
+
+    def as_json(self) -> dict[str, Any]:
+        """The `import --json` object (DESIGN §9 fields first)."""
+        return asdict(self)
+
+
+def import_file(engine: Engine, path: Path, list_name: str, *, now: float,
+                options: importer.Options = importer.Options(), on_existing: str = "update",
+                rejects: Path | None = None, dry_run: bool = False,
+                progress: Progress | None = None) -> ImportReport:
+    """Import a subscriber file into list `list_name` (created if needed)."""
+    if on_existing not in ON_EXISTING:
+        raise ImportFileError(f"--on-existing must be one of {', '.join(ON_EXISTING)}")
+    if rejects is not None and _same_file(rejects, path):
+        raise ImportFileError(f"{rejects}: the rejects file would overwrite the input")
+    with _open_input(path) as stream:
+        layout, rows = importer.open_rows(stream, str(path), options)
+        size = os.fstat(stream.fileno()).st_size
+        keep_rejected = rejects is not None
+        with db.transaction(engine, rollback=dry_run, immediate=False) as connection:
+            store.begin_import(connection)
+            invalid = _stage(connection, rows, keep_rejected, lambda: _report(progress, stream, size))
+            target = store.ensure_list(connection, list_name, now)
+            merged = store.finish_import(connection, target, on_existing, now)
+            duplicates = store.duplicate_lines(connection) if keep_rejected and merged.duplicates else {}
+            store.end_import(connection)
+    rejects_file = None
+    if rejects is not None:
+        _write_rejects(rejects, path, layout, invalid, duplicates)
+        rejects_file = str(rejects)
+    return ImportReport(
+        rows=merged.imported + merged.updated + merged.skipped + merged.duplicates
+        + invalid.count + merged.suppressed,
+        imported=merged.imported, updated=merged.updated, skipped=merged.skipped,
+        duplicates=merged.duplicates, invalid=invalid.count, suppressed=merged.suppressed,
+        rejects_file=rejects_file, still_unsubscribed=merged.still_unsubscribed,
+        encoding=layout.encoding, delimiter=layout.delimiter, dry_run=dry_run,
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _open_input(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller's with-block closes it
+    except FileNotFoundError:
+        raise ImportFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImportFileError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ImportFileError(f"{path}: permission denied") from None
+
+
+def _report(progress: Progress | None, stream: BinaryIO, size: int) -> None:
+    if progress is not None:
+        progress(stream.tell(), size)
+
+
+@dataclass
+class _Invalid:
+    count: int
+    rejected: list[importer.Rejected]
+
+
+def _stage(connection: Any, rows: Iterator[importer.Subscriber | importer.Rejected],
+           keep_rejected: bool, tick: Callable[[], None]) -> _Invalid:
+    invalid = _Invalid(0, [])
+    batch: list[store.StagedRow] = []
+    for record in rows:
+        if isinstance(record, importer.Rejected):
+            invalid.count += 1
+            if keep_rejected:
+                invalid.rejected.append(record)
+            continue
+        batch.append((record.line, record.email, record.email_key, record.domain,
+                      record.name, record.attributes))
+        if len(batch) >= BATCH:
+            store.stage_rows(connection, batch)
+            batch.clear()
+            tick()
+    if batch:
+        store.stage_rows(connection, batch)
+    tick()
+    return invalid
+
+
+def _write_rejects(rejects: Path, source: Path, layout: importer.Layout,
+                   invalid: _Invalid, duplicates: dict[int, int]) -> None:
+    """Write every rejected row, in file order, atomically (a temp file renamed into place)."""
+    reasons = {item.line: (item.reason, item.row) for item in invalid.rejected}
+    if duplicates:
+        with open(source, "rb") as stream:
+            for line, row in importer.read_records(stream, layout):
+                if line in duplicates:
+                    reasons[line] = (f"duplicate of line {duplicates[line]}", row)
+    header = ["line", "reason", *layout.header] if layout.has_header else ["line", "reason"]
+    with atomic_text(rejects) as out:
+        writer = csv.writer(out, delimiter=layout.delimiter)
+        writer.writerow(header)
+        for line in sorted(reasons):
+            reason, row = reasons[line]
+            writer.writerow([line, reason, *(neutralise(cell) for cell in row)])
+
+
+class atomic_text:  # noqa: N801 - used like open()
+    """A text file written under a temporary name and renamed into place on success."""
+
+    def __init__(self, path: Path, encoding: str = "utf-8-sig") -> None:
+        self.path = path
+        self.encoding = encoding  # utf-8-sig: Excel then reads UTF-8 correctly
+
+    def __enter__(self) -> IO[str]:
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent or ".")
+        except OSError as exc:
+            raise BulksendError(f"{self.path}: cannot write: {exc.strerror}") from None
+        self.file = os.fdopen(fd, "w", encoding=self.encoding, newline="")
+        return self.file
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+def neutralise(cell: str) -> str:
+    """A cell that a spreadsheet will show as text instead of running it as a formula."""
+    return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell
+
+
+def export_list(engine: Engine, list_name: str, out: IO[str]) -> int:
+    """Write the mailable members of a list as CSV (email, name, attributes); returns the count."""
+    with db.reading(engine) as connection:
+        target = store.list_id(connection, list_name)
+        keys: dict[str, None] = {}
+        for row in store.export_members(connection, target):
+            keys.update(dict.fromkeys(row.attributes))
+        writer = csv.writer(out)
+        writer.writerow(["email", "name", *(neutralise(key) for key in keys)])
+        count = 0
+        for row in store.export_members(connection, target):
+            cells = [row.email, row.name, *(str(row.attributes.get(key, "")) for key in keys)]
+            writer.writerow([neutralise(cell) for cell in cells])
+            count += 1
+    return count
+
+
+def show(engine: Engine, email: str) -> store.SubscriberView:
+    """A subscriber by address (any case, Unicode or A-label domain)."""
+    key = email_key(email)
+    with db.reading(engine) as connection:
+        return store.subscriber(connection, key)
+
+
+def email_key(email: str) -> str:
+    """The dedupe key of an address given on the command line; AddressError if invalid."""
+    try:
+        return importer.AddressValidator().key(importer.strip_address(email))[0]
+    except importer.InvalidAddress as exc:
+        raise AddressError(f"invalid address {email!r}: {exc}") from None
+
+
+def list_summaries(engine: Engine) -> list[store.ListSummary]:
+    """Every list with its member counts."""
+    with db.reading(engine) as connection:
+        return store.list_summaries(connection)
