@@ -14,11 +14,11 @@ import io
 import re
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
 
 import charset_normalizer
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from bulksend.errors import ImportFileError
 
@@ -56,6 +56,13 @@ _SPACES = re.compile(r" {2,}")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
 _EMAILISH = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+\Z")
+# Plain ASCII host names that email-validator accepts as they are (lower-cased); anything
+# else (IDN, "--" labels, odd TLDs, special-use names) is left to email-validator itself.
+_PLAIN_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
+_SPECIAL_USE = tuple(SPECIAL_USE_DOMAIN_NAMES)
+_NEEDS_CLEANING = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]|  |^\s|\s\Z"
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,7 @@ class Layout:
     attributes: tuple[tuple[int, str], ...]  # (column index, attribute key)
 
 
-@dataclass(frozen=True)
-class Subscriber:
+class Subscriber(NamedTuple):
     """A valid row: the address as given, its dedupe key, name and attributes."""
 
     line: int
@@ -90,11 +96,10 @@ class Subscriber:
     email_key: str
     domain: str
     name: str
-    attributes: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str]
 
 
-@dataclass(frozen=True)
-class Rejected:
+class Rejected(NamedTuple):
     """A row that was not imported, with its original line number and the reason."""
 
     line: int
@@ -240,6 +245,8 @@ def build_layout(first_row: list[str], encoding: str, delimiter: str, options: O
 
 def clean_text(value: str) -> str:
     """A cell with every control character, line break and bidi override removed."""
+    if not _NEEDS_CLEANING.search(value):
+        return value  # the common case, checked by one scan
     value = _LINE_BREAKS.sub(" ", value)
     value = _INVISIBLE.sub("", value)
     return _SPACES.sub(" ", value).strip()
@@ -282,14 +289,24 @@ class AddressValidator:
         if verdict is None:
             if len(self._domains) >= self._cache_size:
                 self._domains.clear()
-            try:
-                verdict = validate_email(f"a@{domain}", check_deliverability=False).ascii_domain.lower()
-            except EmailNotValidError as exc:
-                verdict = InvalidAddress(str(exc))
-            self._domains[domain] = verdict
+            verdict = self._domains[domain] = self._check_domain(domain)
         if isinstance(verdict, InvalidAddress):
             raise verdict
         return verdict
+
+    def _check_domain(self, domain: str) -> str | InvalidAddress:
+        plain = domain.lower()
+        if (len(plain) <= 253 and _PLAIN_DOMAIN.match(plain) and "--" not in plain
+                and not self._special(plain)):
+            return plain
+        try:
+            return validate_email(f"a@{domain}", check_deliverability=False).ascii_domain.lower()
+        except EmailNotValidError as exc:
+            return InvalidAddress(str(exc))
+
+    @staticmethod
+    def _special(domain: str) -> bool:
+        return any(domain == name or domain.endswith("." + name) for name in _SPECIAL_USE)
 
     @staticmethod
     def _full(address: str) -> tuple[str, str]:

@@ -247,12 +247,15 @@ def end_import(connection: Connection) -> None:
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")  # constant names
 
 
+# One encoder for all rows: json.dumps() with options builds a new encoder on every call.
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 StagedRow = tuple[int, str, str, str, str, dict[str, str]]  # line, email, key, domain, name, attrs
 
 
 def stage_rows(connection: Connection, rows: Sequence[StagedRow]) -> None:
     """Append valid rows to the staging table, by the fastest path each driver offers."""
-    values = [(line, email, key, domain, name, json.dumps(attrs, ensure_ascii=False))
+    values = [(line, email, key, domain, name, _to_json(attrs))
               for line, email, key, domain, name, attrs in rows]
     if connection.dialect.name == "postgresql":
         cursor = connection.connection.driver_connection.cursor()

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.support.certs",
     "tests.support.store",
+    "tests.support.cli",
     "tests.support.smtpserver",
     "tests.support.dovecot",
     "tests.support.dnsserver",
