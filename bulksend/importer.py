@@ -254,8 +254,10 @@ def clean_text(value: str) -> str:
 
 def strip_address(raw: str) -> str:
     """An address cell without spaces, invisible characters, `mailto:` or angle brackets."""
-    value = unicodedata.normalize("NFC", raw)
-    value = _INVISIBLE.sub("", value).strip().strip("\u00a0").strip()
+    if raw.isascii():  # ASCII controls inside an address make it invalid; no need to strip them
+        value = raw.strip()
+    else:
+        value = _INVISIBLE.sub("", unicodedata.normalize("NFC", raw)).strip().strip("\u00a0").strip()
     if value.lower().startswith("mailto:"):
         value = value[7:]
     if value.startswith("<") and value.endswith(">"):
@@ -327,7 +329,7 @@ def _subscriber(line: int, row: list[str], layout: Layout, validator: AddressVal
     if len(row) > width and any(cell.strip() for cell in row[width:]):
         return Rejected(line, row, f"{len(row)} fields where the header has {width} "
                                    "(an unquoted delimiter?)")
-    cells = row + [""] * (width - len(row))
+    cells = row if len(row) >= width else row + [""] * (width - len(row))
     email = strip_address(cells[layout.email_index])
     if not email:
         return Rejected(line, row, "no email address")
@@ -400,7 +402,7 @@ def _rows(first: tuple[int, list[str]], records: Iterator[tuple[int, list[str]]]
         yield _subscriber(first[0], first[1], layout, validator)
     try:
         for line, row in records:
-            if any(cell.strip() for cell in row):
+            if "".join(row).strip():  # a blank line or only delimiters is not a row
                 yield _subscriber(line, row, layout, validator)
     except UnicodeDecodeError as exc:
         raise ImportFileError(f"{source}: not valid {layout.encoding} after line {line}: "
