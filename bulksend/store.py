@@ -288,23 +288,33 @@ def finish_import(connection: Connection, target_list: int, on_existing: str, no
     """Merge the staged rows into subscribers and the list's members."""
     # Indexed only now: building the index once is cheaper than maintaining it per row.
     connection.exec_driver_sql("CREATE INDEX ix_import_staging_key ON import_staging (email_key, line)")
+    _analyze(connection, "import_staging")  # PostgreSQL never auto-analyzes temporary tables
     first = (sa.select(staging.c.email_key, sa.func.min(staging.c.line).label("line"))
              .group_by(staging.c.email_key).subquery())
     existing_id = (sa.select(subscribers.c.id)
                    .where(subscribers.c.email_key == first.c.email_key).scalar_subquery())
-    status = (sa.select(list_members.c.status)
-              .where(list_members.c.list_id == target_list,
-                     list_members.c.subscriber_id == existing_id).scalar_subquery())
     connection.execute(merge.insert().from_select(
-        ["line", "email_key", "subscriber_id", "existed", "suppressed", "member_status"],
+        ["line", "email_key", "subscriber_id", "existed", "suppressed"],
         sa.select(first.c.line, first.c.email_key, existing_id, existing_id.is_not(None),
-                  _suppressed(first.c.email_key), status),
+                  _suppressed(first.c.email_key)),
     ))
+    connection.execute(merge.update().where(merge.c.existed).values(
+        member_status=sa.select(list_members.c.status)
+        .where(list_members.c.list_id == target_list,
+               list_members.c.subscriber_id == merge.c.subscriber_id)
+        .scalar_subquery()
+    ))
+    _analyze(connection, "import_merge")
     _insert_new_subscribers(connection, now)
     if on_existing == "update":
         _update_existing_subscribers(connection, now)
     _add_members(connection, target_list, now)
     return _merge_counts(connection, on_existing)
+
+
+def _analyze(connection: Connection, table: str) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"ANALYZE {table}")  # constant names only
 
 
 def _winner_rows() -> sa.Select[Any]:
