@@ -62,12 +62,13 @@ def raw_sqlite(path: Path, db: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_with_rss(argv: list[str], cwd: Path) -> tuple[float, int, str]:
+def run_with_rss(argv: list[str], cwd: Path, env: dict[str, str] | None = None
+                 ) -> tuple[float, int, str]:
     """(seconds, peak RSS in bytes, stdout) of a child process, measured with wait4."""
     out_file = tempfile.TemporaryFile(mode="w+")
     err_file = tempfile.TemporaryFile(mode="w+")
     start = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file, text=True)
+    child = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file, text=True, env=env)
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)

@@ -21,7 +21,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from bulksend import __version__, config, db, importer, subscribers, suppression
+import os
+
+from bulksend import __version__, campaigns, config, db, dkim, importer, subscribers, suppression
 from bulksend.config_example import EXAMPLE_CONFIG
 from bulksend.errors import BulksendError
 
@@ -38,9 +40,14 @@ suppress_app = typer.Typer(no_args_is_help=True, help="The global suppression li
 app.add_typer(db_app, name="db")
 app.add_typer(subscribers_app, name="subscribers")
 app.add_typer(suppress_app, name="suppress")
+campaign_app = typer.Typer(no_args_is_help=True, help="Create, preview, start and follow campaigns.")
+dkim_app = typer.Typer(no_args_is_help=True, help="DKIM signing keys.")
+app.add_typer(campaign_app, name="campaign")
+app.add_typer(dkim_app, name="dkim")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup and emoji off: list names, file names and addresses are data, printed as they are.
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 class OnExisting(str, enum.Enum):
     """`import --on-existing`: update an existing subscriber's data, or leave it as it was."""
@@ -307,6 +314,181 @@ def suppress_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     out.print(table if rows else "the suppression list is empty")
 
 
+# --- campaigns ----------------------------------------------------------------------------------
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BulksendError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise BulksendError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BulksendError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _launch(settings: config.Config) -> campaigns.Launch:
+    """What campaigns need from the config and the environment (read here, at the edge)."""
+    secret = None
+    if settings.sender is not None:
+        value = os.environ.get(settings.sender.secret_env)
+        secret = value.encode("utf-8") if value else None
+    return campaigns.Launch(settings.sender, settings.dkim, secret)
+
+
+@campaign_app.command("create")
+def campaign_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A unique name for the campaign.")],
+    list_names: Annotated[list[str], typer.Option("--list", help="A list to send to (repeatable).")],
+    subject: Annotated[str, typer.Option(help="The subject (a template too).")],
+    html: Annotated[Path, typer.Option(help="The HTML template file.")],
+    text: Annotated[Optional[Path], typer.Option(help="The plain-text template; generated from the HTML if omitted.")] = None,  # noqa: UP007,E501
+    from_address: Annotated[Optional[str], typer.Option("--from", help="From header; default [sender] from.")] = None,  # noqa: UP007,E501
+    send_at: Annotated[Optional[str], typer.Option(help="Start sending at this ISO time (config timezone if no offset).")] = None,  # noqa: UP007,E501
+    as_json: JsonOption = False,
+) -> None:
+    """Create a draft campaign; its templates are checked now."""
+    settings = _config(ctx)
+    spec = campaigns.NewCampaign(
+        name=name, lists=tuple(list_names), subject=subject,
+        html=_read_template(html), html_name=str(html),
+        text=_read_template(text) if text else None, text_name=str(text) if text else None,
+        from_address=from_address,
+        send_at=campaigns.parse_when(send_at, settings.timezone) if send_at else None,
+    )
+    with _store(ctx) as engine:
+        campaign = campaigns.create(engine, spec, time.time())
+    if as_json:
+        _print_json({"name": campaign.name, "status": campaign.status, "lists": list(campaign.lists)})
+        return
+    out.print(f"created campaign {campaign.name!r} for {', '.join(campaign.lists)}; next: "
+              f"bulksend campaign preview {campaign.name} · bulksend campaign start {campaign.name}")
+
+
+@campaign_app.command("preview")
+def campaign_preview(
+    ctx: typer.Context, name: str,
+    email: Annotated[Optional[str], typer.Option(help="The subscriber to render for; default the first.")] = None,  # noqa: UP007,E501
+    output: Annotated[Optional[Path], typer.Option(help="Write the .eml here instead of stdout.")] = None,  # noqa: UP007
+) -> None:
+    """Print (or write) exactly the bytes a subscriber gets."""
+    settings = _config(ctx)
+    with _store(ctx) as engine:
+        message, queued = campaigns.preview(engine, name, _launch(settings), email=email,
+                                            now=time.time())
+    if output is None:
+        sys.stdout.buffer.write(message.data)
+        sys.stdout.flush()
+    else:
+        output.write_bytes(message.data)
+        err.print(f"wrote {output}")
+    err.print(f"envelope: MAIL FROM:<{message.envelope_from}> RCPT TO:<{message.recipient}>"
+              + ("" if queued else " (not queued yet: its tokens change when the campaign starts)"))
+
+
+@campaign_app.command("start")
+def campaign_start(
+    ctx: typer.Context, name: str,
+    at: Annotated[Optional[str], typer.Option(help="Start sending at this ISO time.")] = None,  # noqa: UP007
+    no_dkim: Annotated[bool, typer.Option("--no-dkim", help="Send without a DKIM signature (recorded).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the launch gates and queue one delivery per recipient."""
+    settings = _config(ctx)
+    when = campaigns.parse_when(at, settings.timezone) if at else None
+    with _store(ctx) as engine:
+        started = campaigns.start(engine, name, _launch(settings), now=time.time(), at=when,
+                                  no_dkim=no_dkim)
+    if as_json:
+        _print_json({"name": name, "status": started.status, "queued": started.queued,
+                     "suppressed": started.suppressed, "send_at": started.send_at,
+                     "dkim_domain": started.dkim_domain})
+        return
+    when_text = f" from {_iso(started.send_at)}" if started.status == "scheduled" and started.send_at else ""
+    signing = f"signed d={started.dkim_domain}" if started.dkim_domain else "NOT DKIM-signed (--no-dkim)"
+    out.print(f"campaign {name!r} {started.status}{when_text}: {started.queued} queued, "
+              f"{started.suppressed} suppressed, {signing}")
+
+
+def _set_status(ctx: typer.Context, name: str, action: Callable[..., Any], verb: str) -> None:
+    with _store(ctx) as engine:
+        campaign = action(engine, name, time.time())
+    out.print(f"campaign {name!r} {verb}: now {campaign.status}")
+
+
+@campaign_app.command("pause")
+def campaign_pause(ctx: typer.Context, name: str) -> None:
+    """Stop handing out the campaign's messages until `resume`."""
+    _set_status(ctx, name, campaigns.pause, "paused")
+
+
+@campaign_app.command("resume")
+def campaign_resume(ctx: typer.Context, name: str) -> None:
+    """Continue a paused campaign."""
+    _set_status(ctx, name, campaigns.resume, "resumed")
+
+
+@campaign_app.command("cancel")
+def campaign_cancel(ctx: typer.Context, name: str) -> None:
+    """Cancel a campaign: nothing more of it is sent."""
+    _set_status(ctx, name, campaigns.cancel, "cancelled")
+
+
+@campaign_app.command("list")
+def campaign_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every campaign with its status and progress."""
+    with _store(ctx) as engine:
+        rows = campaigns.all_campaigns(engine)
+    if as_json:
+        _print_json({"campaigns": [{**row, "created_at": _iso(row["created_at"])} for row in rows]})
+        return
+    if not rows:
+        out.print("no campaigns yet: bulksend campaign create NAME --list L --subject S --html FILE")
+        return
+    table = Table("campaign", "status", "lists", "sent", "total", box=None)
+    for row in rows:
+        table.add_row(row["name"], row["status"], ", ".join(row["lists"]), str(row["sent"]),
+                      str(row["total"]))
+    out.print(table)
+
+
+@campaign_app.command("show")
+def campaign_show(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
+    """Status, counts per delivery state, bounces and complaints, messages per account."""
+    with _store(ctx) as engine:
+        data = campaigns.show(engine, name)
+    if as_json:
+        _print_json(data)
+        return
+    reason = f" ({data['pause_reason']})" if data["pause_reason"] else ""
+    out.print(f"campaign {data['name']}: {data['status']}{reason}, lists {', '.join(data['lists'])}")
+    counts = [f"{field} {data[field]}" for field in ("total", *campaigns.STATE_FIELDS) if data[field]]
+    out.print("deliveries: " + (", ".join(counts) or "none queued"))
+    out.print(f"bounced {data['bounced']}, complaints {data['complaints']}, "
+              f"unsubscribed {data['unsubscribed']}")
+    for account, sent in data["by_account"].items():
+        out.print(f"  {account}: {sent} sent")
+
+
+# --- dkim -----------------------------------------------------------------------------------------
+
+
+@dkim_app.command("keygen")
+def dkim_keygen(
+    domain: str, selector: str,
+    ed25519: Annotated[bool, typer.Option("--ed25519", help="An Ed25519 key instead of RSA-2048.")] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the key.")] = Path("dkim"),
+) -> None:
+    """Write a new DKIM key and print its DNS TXT record and the [[dkim]] block."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, record = dkim.keygen(domain, selector, directory, ed25519=ed25519)
+    out.print(f"wrote {path} (keep it secret)\n\npublish this DNS record:\n{record}\n")
+    out.print(f"and add to bulksend.toml:\n[[dkim]]\ndomain = \"{domain}\"\n"
+              f"selector = \"{selector}\"\nprivate_key_file = \"{path}\"")
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -315,7 +497,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="bulksend", standalone_mode=False)
     except BulksendError as exc:
-        err.print(f"bulksend: {exc}", markup=False)
+        err.print(f"bulksend: {exc}")
         return 1
     except typer.Exit as exc:
         return exc.exit_code

@@ -87,8 +87,11 @@ def transaction(engine: Engine, *, rollback: bool = False, immediate: bool = Tru
 def reading(engine: Engine) -> Iterator[Connection]:
     """A read-only transaction (a consistent snapshot on both backends)."""
     try:
-        with engine.connect() as connection, connection.begin():
-            yield connection
+        with engine.connect() as connection:
+            if engine.dialect.name == "postgresql":  # READ COMMITTED would see later commits
+                connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                yield connection
     except sa.exc.OperationalError as exc:
         raise StoreError(f"database {display_url(engine.url)}: {_reason(exc)}") from exc
 

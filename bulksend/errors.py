@@ -8,6 +8,7 @@ so the CLI can print it as one line and exit 1::
     ├── StoreError                the database cannot be opened, migrated or written
     ├── ImportFileError           a subscriber file cannot be imported as a whole
     ├── AddressError              an email address given by the user is not valid
+    ├── TemplateError             a campaign template fails to compile, is unsafe or unrenderable
     ├── NotFound                  a named list, subscriber, campaign or account does not exist
     └── StateError                an operation is illegal in the resource's current state
 """
@@ -33,6 +34,10 @@ class ImportFileError(BulksendError):
 
 class AddressError(BulksendError):
     """An email address given on the command line is not valid."""
+
+
+class TemplateError(BulksendError):
+    """A campaign template does not compile, uses an unknown variable or breaks the sandbox."""
 
 
 class NotFound(BulksendError):

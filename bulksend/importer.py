@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple
 import charset_normalizer
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
-from bulksend.errors import ImportFileError
+from bulksend.errors import AddressError, ImportFileError
 
 SAMPLE_BYTES = 64 * 1024
 DELIMITERS = (",", ";", "\t", "|")
@@ -126,9 +126,11 @@ def detect_encoding(sample: bytes, source: str) -> str:
     for signature, what in BINARY_SIGNATURES.items():
         if sample.startswith(signature):
             raise ImportFileError(f"{source}: not a text file: {what}")
-    if b"\x00" in sample:
+    nuls = sample.count(b"\x00")
+    if nuls > max(2, len(sample) // 1000):  # a stray NUL in a cell is data; many mean binary
         offset = sample.index(b"\x00")
-        raise ImportFileError(f"{source}: not a text file (a NUL byte at offset {offset})")
+        raise ImportFileError(f"{source}: not a text file ({nuls} NUL bytes, the first at "
+                              f"offset {offset})")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
         return "utf-8"
@@ -211,19 +213,20 @@ def build_layout(first_row: list[str], encoding: str, delimiter: str, options: O
                  source: str) -> Layout:
     """Decide which column holds the address, the name and each attribute."""
     header = [cell.strip() for cell in first_row]
-    email_index = _email_column(header, options.email_column, source)
-    has_header = True
-    if email_index is None:
-        # No recognisable header: a file of bare addresses still imports.
-        looks = [i for i, cell in enumerate(header) if _EMAILISH.match(cell.strip())]
-        if not looks:
-            shown = ", ".join(repr(cell) for cell in header[:8]) or "an empty first row"
-            raise ImportFileError(
-                f"{source}: no email column found (first row: {shown}); "
-                "name it 'email' or pass --email-column"
-            )
-        email_index, has_header = looks[0], False
+    addresses = [i for i, cell in enumerate(header) if _EMAILISH.match(cell)]
+    has_header = not addresses  # a first row holding an address is data, not a header
+    if has_header:
+        email_index = _email_column(header, options.email_column, source)
+    else:
         header = [f"col{i + 1}" for i in range(len(header))]
+        email_index = (addresses[0] if options.email_column is None
+                       else _email_column(header, options.email_column, source))
+    if email_index is None:
+        shown = ", ".join(repr(cell) for cell in header[:8]) or "an empty first row"
+        raise ImportFileError(
+            f"{source}: no email column found (first row: {shown}); "
+            "name it 'email' or pass --email-column"
+        )
     name_index = _find_column(header, NAME_HEADERS) if has_header else None
     first_last = None
     if name_index is None and has_header:
@@ -320,6 +323,14 @@ class AddressValidator:
         return f"{valid.local_part.lower()}@{domain}", domain
 
 
+def address_key(email: str) -> str:
+    """The dedupe key of an address a user typed; AddressError if it is not valid."""
+    try:
+        return AddressValidator().key(strip_address(email))[0]
+    except InvalidAddress as exc:
+        raise AddressError(f"invalid address {email!r}: {exc}") from None
+
+
 # --- rows -----------------------------------------------------------------------------
 
 
@@ -345,7 +356,8 @@ def _subscriber(line: int, row: list[str], layout: Layout, validator: AddressVal
         name = ""
     if len(name) > MAX_NAME:
         return Rejected(line, row, f"name longer than {MAX_NAME} characters")
-    attributes = {key: clean_text(cells[index]) for index, key in layout.attributes}
+    # An empty cell is no value: it neither stores "" nor erases a value already known.
+    attributes = {key: value for index, key in layout.attributes if (value := clean_text(cells[index]))}
     return Subscriber(line, email, email_key, domain, name, attributes)
 
 

@@ -66,7 +66,7 @@ def _domain_of_postgresql(element: domain_of, compiler: Any, **kw: Any) -> str:
     return f"split_part({compiler.process(element.clauses, **kw)}, '@', 2)"
 
 
-def _suppressed(email_key: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
+def suppressed_condition(email_key: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
     """True where the address, or its domain, is on the suppression list."""
     domain = domain_of(email_key)
     return sa.or_(
@@ -87,7 +87,7 @@ class ListSummary:
 
 def list_summaries(connection: Connection) -> list[ListSummary]:
     """Every list with its subscribed, unsubscribed and suppressed member counts."""
-    suppressed = _suppressed(subscribers.c.email_key)
+    suppressed = suppressed_condition(subscribers.c.email_key)
     count_if = lambda condition: sa.func.count(sa.case((condition, 1)))  # noqa: E731
     query = (
         sa.select(
@@ -152,7 +152,7 @@ def export_members(connection: Connection, list_db_id: int) -> Iterable[sa.Row[A
         sa.select(subscribers.c.email, subscribers.c.name, subscribers.c.attributes)
         .join(list_members, list_members.c.subscriber_id == subscribers.c.id)
         .where(list_members.c.list_id == list_db_id, list_members.c.status == "subscribed",
-               sa.not_(_suppressed(subscribers.c.email_key)))
+               sa.not_(suppressed_condition(subscribers.c.email_key)))
         .order_by(subscribers.c.id)
         .execution_options(yield_per=2000)
     )
@@ -296,7 +296,7 @@ def finish_import(connection: Connection, target_list: int, on_existing: str, no
     connection.execute(merge.insert().from_select(
         ["line", "email_key", "subscriber_id", "existed", "suppressed"],
         sa.select(first.c.line, first.c.email_key, existing_id, existing_id.is_not(None),
-                  _suppressed(first.c.email_key)),
+                  suppressed_condition(first.c.email_key)),
     ))
     connection.execute(merge.update().where(merge.c.existed).values(
         member_status=sa.select(list_members.c.status)

@@ -7,6 +7,7 @@ merge and rolls it back to report exact counts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import tempfile
@@ -18,7 +19,7 @@ from typing import IO, Any, BinaryIO
 from sqlalchemy.engine import Engine
 
 from bulksend import db, importer, store
-from bulksend.errors import AddressError, BulksendError, ImportFileError
+from bulksend.errors import BulksendError, ImportFileError
 
 BATCH = 5_000
 ON_EXISTING = ("update", "skip")
@@ -58,27 +59,28 @@ def import_file(engine: Engine, path: Path, list_name: str, *, now: float,
         raise ImportFileError(f"--on-existing must be one of {', '.join(ON_EXISTING)}")
     if rejects is not None and _same_file(rejects, path):
         raise ImportFileError(f"{rejects}: the rejects file would overwrite the input")
-    with _open_input(path) as stream:
+    with _open_input(path) as stream, contextlib.ExitStack() as stack:
         layout, rows = importer.open_rows(stream, str(path), options)
         size = os.fstat(stream.fileno()).st_size
-        keep_rejected = rejects is not None
+        # The rejects file is created before anything is written and renamed into place
+        # only after the commit: an unwritable path fails the import, never half of it.
+        out = stack.enter_context(atomic_text(rejects)) if rejects is not None else None
         with db.transaction(engine, rollback=dry_run, immediate=False) as connection:
             store.begin_import(connection)
-            invalid = _stage(connection, rows, keep_rejected, lambda: _report(progress, stream, size))
+            invalid = _stage(connection, rows, out is not None,
+                             lambda: _report(progress, stream, size))
             target = store.ensure_list(connection, list_name, now)
             merged = store.finish_import(connection, target, on_existing, now)
-            duplicates = store.duplicate_lines(connection) if keep_rejected and merged.duplicates else {}
+            if out is not None:
+                duplicates = store.duplicate_lines(connection) if merged.duplicates else {}
+                _write_rejects(out, path, layout, invalid, duplicates)
             store.end_import(connection)
-    rejects_file = None
-    if rejects is not None:
-        _write_rejects(rejects, path, layout, invalid, duplicates)
-        rejects_file = str(rejects)
     return ImportReport(
         rows=merged.imported + merged.updated + merged.skipped + merged.duplicates
         + invalid.count + merged.suppressed,
         imported=merged.imported, updated=merged.updated, skipped=merged.skipped,
         duplicates=merged.duplicates, invalid=invalid.count, suppressed=merged.suppressed,
-        rejects_file=rejects_file, still_unsubscribed=merged.still_unsubscribed,
+        rejects_file=str(rejects) if rejects is not None else None, still_unsubscribed=merged.still_unsubscribed,
         encoding=layout.encoding, delimiter=layout.delimiter, dry_run=dry_run,
     )
 
@@ -134,9 +136,9 @@ def _stage(connection: Any, rows: Iterator[importer.Subscriber | importer.Reject
     return invalid
 
 
-def _write_rejects(rejects: Path, source: Path, layout: importer.Layout,
+def _write_rejects(out: IO[str], source: Path, layout: importer.Layout,
                    invalid: _Invalid, duplicates: dict[int, int]) -> None:
-    """Write every rejected row, in file order, atomically (a temp file renamed into place)."""
+    """Write every rejected row with its line number and reason, in file order."""
     reasons = {item.line: (item.reason, item.row) for item in invalid.rejected}
     if duplicates:
         with open(source, "rb") as stream:
@@ -144,12 +146,11 @@ def _write_rejects(rejects: Path, source: Path, layout: importer.Layout,
                 if line in duplicates:
                     reasons[line] = (f"duplicate of line {duplicates[line]}", row)
     header = ["line", "reason", *layout.header] if layout.has_header else ["line", "reason"]
-    with atomic_text(rejects) as out:
-        writer = csv.writer(out, delimiter=layout.delimiter)
-        writer.writerow(header)
-        for line in sorted(reasons):
-            reason, row = reasons[line]
-            writer.writerow([line, reason, *(neutralise(cell) for cell in row)])
+    writer = csv.writer(out, delimiter=layout.delimiter)
+    writer.writerow(header)
+    for line in sorted(reasons):
+        reason, row = reasons[line]
+        writer.writerow([line, reason, *(neutralise(cell) for cell in row)])
 
 
 class atomic_text:  # noqa: N801 - used like open()
@@ -199,17 +200,9 @@ def export_list(engine: Engine, list_name: str, out: IO[str]) -> int:
 
 def show(engine: Engine, email: str) -> store.SubscriberView:
     """A subscriber by address (any case, Unicode or A-label domain)."""
-    key = email_key(email)
+    key = importer.address_key(email)
     with db.reading(engine) as connection:
         return store.subscriber(connection, key)
-
-
-def email_key(email: str) -> str:
-    """The dedupe key of an address given on the command line; AddressError if invalid."""
-    try:
-        return importer.AddressValidator().key(importer.strip_address(email))[0]
-    except importer.InvalidAddress as exc:
-        raise AddressError(f"invalid address {email!r}: {exc}") from None
 
 
 def list_summaries(engine: Engine) -> list[store.ListSummary]:

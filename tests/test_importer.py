@@ -28,7 +28,7 @@ def test_encoding_is_detected(data: bytes, encoding: str) -> None:
     (b"PK\x03\x04rest-of-zip", "Excel .xlsx"),
     (b"\xd0\xcf\x11\xe0\xa1\xb1", "old Excel .xls"),
     (b"%PDF-1.7\n", "PDF"),
-    (b"\x7fELF\x02\x01\x01\x00\x00", "NUL byte"),
+    (b"\x7fELF\x02\x01\x01" + b"\x00" * 9 + b"\x02\x00>\x00" * 40, "NUL bytes"),
 ])
 def test_binary_files_are_refused_with_what_they_look_like(data: bytes, message: str) -> None:
     with pytest.raises(ImportFileError, match=f"f.csv: not a text file.*{message}"):
