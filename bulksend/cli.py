@@ -22,10 +22,14 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 import os
+import signal
 
-from bulksend import __version__, campaigns, config, db, dkim, importer, subscribers, suppression
+from bulksend import (
+    __version__, accounts, campaigns, config, db, dkim, importer, sender, smtp, subscribers,
+    suppression,
+)
 from bulksend.config_example import EXAMPLE_CONFIG
-from bulksend.errors import BulksendError
+from bulksend.errors import BulksendError, ConfigError
 
 PROGRESS_MIN_BYTES = 1 << 20  # smaller files import faster than a bar can draw
 
@@ -42,6 +46,8 @@ app.add_typer(subscribers_app, name="subscribers")
 app.add_typer(suppress_app, name="suppress")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, preview, start and follow campaigns.")
 dkim_app = typer.Typer(no_args_is_help=True, help="DKIM signing keys.")
+accounts_app = typer.Typer(invoke_without_command=True, help="The SMTP accounts: state and limits.")
+app.add_typer(accounts_app, name="accounts")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(dkim_app, name="dkim")
 
@@ -470,6 +476,92 @@ def campaign_show(ctx: typer.Context, name: str, as_json: JsonOption = False) ->
               f"unsubscribed {data['unsubscribed']}")
     for account, sent in data["by_account"].items():
         out.print(f"  {account}: {sent} sent")
+
+
+# --- sending --------------------------------------------------------------------------------------
+
+
+def _send_settings(settings: config.Config) -> tuple[sender.Settings, sender.SessionFactory]:
+    """The loop's settings and an SMTP session factory, secrets read from the environment."""
+    if settings.sender is None:
+        raise ConfigError(f"{settings.source}: [sender] is missing: it is needed to send")
+    if not settings.accounts:
+        raise ConfigError(f"{settings.source}: no [[accounts]]: add at least one SMTP account")
+    secret = config.resolve_secret(settings.sender.secret_env, os.environ, "[sender] secret_env")
+    passwords = {
+        a.name: config.resolve_secret(a.password_env, os.environ, f"account {a.name}")
+        for a in settings.accounts if a.password_env
+    }
+
+    def open_session(account: config.AccountConfig) -> smtp.Session:
+        return smtp.open_session(account, passwords.get(account.name))
+
+    loop_settings = sender.Settings(settings.accounts, settings.delivery, settings.sender,
+                                    secret.encode("utf-8"), settings.dkim, settings.timezone)
+    return loop_settings, open_session
+
+
+@app.command("send")
+def send(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="Send what can go now, then exit (for cron).")] = False,
+    max_time: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,  # noqa: UP007
+    campaign: Annotated[Optional[str], typer.Option(help="Only this campaign.")] = None,  # noqa: UP007
+    as_json: JsonOption = False,
+) -> None:
+    """Send queued messages round-robin over the accounts, never past their limits."""
+    settings = _config(ctx)
+    loop_settings, open_session = _send_settings(settings)
+    with _store(ctx) as engine:
+        worker = sender.Sender(engine, loop_settings, open_session, clock=time.time,
+                               sleep=time.sleep, campaign=campaign,
+                               crash=sender.CrashPoints(os.environ.get("BULKSEND_CRASH_AT")))
+        previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+        try:
+            report = worker.run(once=once, max_time=max_time)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        _print_json(report.as_json())
+        return
+    per_account = ", ".join(f"{name} {count}" for name, count in sorted(report.by_account.items()))
+    out.print(f"sent {report.sent}, failed {report.failed}, deferred {report.deferred}, "
+              f"unknown {report.unknown}, suppressed {report.suppressed}"
+              + (f" ({per_account})" if per_account else ""))
+    out.print(f"stopped: {report.stopped_because}")
+
+
+@accounts_app.callback()
+def accounts_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every account: state, usage of each limit and when it frees, totals."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _config(ctx)
+    with _store(ctx) as engine:
+        rows = accounts.status(engine, settings.accounts, settings.timezone, time.time())
+    if as_json:
+        _print_json({"accounts": rows})
+        return
+    if not rows:
+        out.print("no [[accounts]] in the config")
+        return
+    table = Table("account", "state", "limits (used/limit)", "sent", "failed", "last error", box=None)
+    for row in rows:
+        state = row["state"] + (f" until {_iso(row['until'])}" if row["until"] else "")
+        used = ", ".join(f"{u['used']}/{u['limit']}" + (f" (free {_iso(u['free_at'])})" if u["free_at"] else "")
+                         for u in row["limits"]) or "no limits"
+        table.add_row(row["name"], state, used, str(row["sent"]), str(row["failed"]),
+                      row["last_error"] or "")
+    out.print(table)
+
+
+@accounts_app.command("enable")
+def accounts_enable(ctx: typer.Context, name: str) -> None:
+    """Put a disabled account back into rotation."""
+    settings = _config(ctx)
+    with _store(ctx) as engine:
+        previous = accounts.enable(engine, settings.accounts, name, time.time())
+    out.print(f"account {name!r} enabled (was {previous})")
 
 
 # --- dkim -----------------------------------------------------------------------------------------

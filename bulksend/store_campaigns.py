@@ -74,6 +74,12 @@ def campaign(connection: Connection, name: str, *, lock: bool = False) -> Campai
     return CampaignRow(*row, lists=_list_names(connection, row.id))
 
 
+def campaign_by_id(connection: Connection, campaign_id: int) -> CampaignRow:
+    """The campaign with this id (the sender knows deliveries by campaign id)."""
+    row = connection.execute(sa.select(*_COLUMNS).where(campaigns.c.id == campaign_id)).one()
+    return CampaignRow(*row, lists=_list_names(connection, row.id))
+
+
 def all_campaigns(connection: Connection) -> list[CampaignRow]:
     """Every campaign, newest first."""
     rows = connection.execute(sa.select(*_COLUMNS).order_by(campaigns.c.created_at.desc(),
