@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 
-from bulksend import db, limits, store_deliveries
+from bulksend import db, limits, store_campaigns, store_deliveries
 from bulksend.config import AccountConfig
-from bulksend.errors import NotFound, StateError
+from bulksend.durations import Limit
+from bulksend.errors import BulksendError, NotFound, StateError
+from bulksend.models import TERMINAL_DELIVERY_STATES
+
+DAY = Limit(1, 86400, "1/day")  # for "the end of today" in the config's time zone
 
 
 def status(engine: Engine, accounts: tuple[AccountConfig, ...], tz: ZoneInfo, now: float
@@ -61,3 +67,50 @@ def enable(engine: Engine, accounts: tuple[AccountConfig, ...], name: str, now: 
         store_deliveries.set_account(connection, name, now, state="active", until=None,
                                      reason=None, failures=0)
     return row.state
+
+
+def check(accounts: tuple[AccountConfig, ...], open_session: Callable[[AccountConfig], Any],
+          name: str | None = None) -> list[dict[str, Any]]:
+    """Connect, TLS, AUTH and capabilities of each account (or one); sends no mail."""
+    chosen = [a for a in accounts if name is None or a.name == name]
+    if name is not None and not chosen:
+        raise NotFound(f"account {name!r} is not in the config")
+    results = []
+    for account in chosen:
+        try:
+            session = open_session(account)
+        except BulksendError as exc:
+            results.append({"name": account.name, "ok": False, "error": str(exc)})
+            continue
+        try:
+            results.append({"name": account.name, "ok": True, "tls": session.tls,
+                            "capabilities": {**dataclasses.asdict(session.capabilities),
+                                             "auth": sorted(session.capabilities.auth)}})
+        finally:
+            session.close()
+    return results
+
+
+def plan(engine: Engine, campaign_name: str, accounts: tuple[AccountConfig, ...], tz: ZoneInfo,
+         now: float) -> dict[str, Any]:
+    """When a campaign finishes if every usable account sends as fast as its limits allow."""
+    names = [account.name for account in accounts]
+    with db.transaction(engine) as connection:
+        campaign = store_campaigns.campaign(connection, campaign_name)
+        states = store_campaigns.state_counts(connection, campaign.id)
+        store_deliveries.ensure_accounts(connection, names, now)
+        rows = store_deliveries.accounts(connection, names)
+        since = now - max((limits.lookback(a.limits) for a in accounts), default=0)
+        ledger = store_deliveries.reservations(connection, names, since)
+    remaining = sum(count for state, count in states.items()
+                    if state not in TERMINAL_DELIVERY_STATES)
+    usable = [a for a in accounts if rows[a.name].state != "disabled"]
+    end_of_day = limits.window_end(DAY, "calendar", now, tz)
+    by_account = {
+        a.name: limits.capacity_until(a.limits, a.window, ledger[a.name], now, end_of_day, tz)
+        for a in usable
+    }
+    finishes = limits.finish_time([(a.limits, a.window, ledger[a.name]) for a in usable],
+                                  now, remaining, tz)
+    return {"remaining": remaining, "finishes_at": finishes, "by_account": by_account,
+            "status": campaign.status, "disabled": [a.name for a in accounts if a not in usable]}

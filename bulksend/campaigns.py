@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from bulksend import db, dkim, importer, messages, render, store, store_campaigns
 from bulksend.config import DkimKey, SenderConfig
-from bulksend.errors import AddressError, ConfigError, StateError, TemplateError
+from bulksend.errors import AddressError, ConfigError, NotFound, StateError, TemplateError
 from bulksend.store_campaigns import CampaignRow
 
 STARTABLE = ("draft",)
@@ -232,6 +232,61 @@ def cancel(engine: Engine, name: str, now: float) -> CampaignRow:
     """Cancel a campaign: nothing more is sent; messages already handed over stay counted."""
     return _transition(engine, name, CANCELLABLE, "cancelled", now, status="cancelled",
                        finished_at=now)
+
+
+def retry(engine: Engine, name: str, *, unknown: bool, failed: bool, now: float) -> int:
+    """Queue `unknown` and/or `failed` deliveries again; returns how many.
+
+    An `unknown` message may have arrived (the RFC 1047 window): it goes out again with the
+    same Message-ID, so a receiving system that keeps Message-IDs can drop the duplicate.
+    Failed addresses that were suppressed (hard bounces) stay suppressed: the sender
+    re-checks the list before RCPT.
+    """
+    states = [state for state, wanted in (("unknown", unknown), ("failed", failed)) if wanted]
+    if not states:
+        raise StateError(f"campaign {name!r}: say what to retry: --unknown and/or --failed")
+    with db.transaction(engine) as connection:
+        campaign = store_campaigns.campaign(connection, name, lock=True)
+        if campaign.status in ("draft", "cancelled"):
+            raise StateError(f"campaign {name!r} is {campaign.status}: nothing to retry")
+        count = store_campaigns.requeue(connection, campaign.id, states, now)
+        if count and campaign.status == "finished":
+            store_campaigns.update_campaign(connection, campaign.id, status="running",
+                                            finished_at=None, updated_at=now)
+    return count
+
+
+def send_test(engine: Engine, name: str, launch: Launch, to: str, account: Any,
+              open_session: Any, now: float) -> Any:
+    """Send one copy of the campaign to `to` through `account`; nothing is recorded.
+
+    The copy is rendered for `to` (as that subscriber if it is one) with placeholder tokens,
+    signed like the real messages, and sent over a fresh session; the SMTP result is returned.
+    It does not count against the account's configured limits.
+    """
+    if launch.sender is None or launch.secret is None:
+        raise ConfigError("a test message needs [sender] in bulksend.toml and its secret in the "
+                          "environment")
+    key = importer.address_key(to)
+    with db.reading(engine) as connection:
+        campaign = store_campaigns.campaign(connection, name)
+        try:
+            person = store.subscriber(connection, key)
+            display, attributes = person.name, person.attributes
+        except NotFound:
+            display, attributes = "", {}
+    dkim_key = None if campaign.no_dkim else signing_key(
+        messages.from_domain(campaign, launch.sender), launch.dkim_keys)
+    signer = dkim.load_signer(dkim_key) if dkim_key is not None else None
+    session = open_session(account)
+    try:
+        factory = messages.MessageFactory(campaign, launch.sender, launch.secret, signer,
+                                          eight_bit=session.eight_bit)
+        outgoing = factory.build(0, to.strip(), display, attributes, now)
+        return session.send(outgoing.envelope_from, outgoing.recipient, outgoing.data,
+                            lambda: True)
+    finally:
+        session.close()
 
 
 def show(engine: Engine, name: str) -> dict[str, Any]:

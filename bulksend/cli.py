@@ -442,6 +442,37 @@ def campaign_cancel(ctx: typer.Context, name: str) -> None:
     _set_status(ctx, name, campaigns.cancel, "cancelled")
 
 
+@campaign_app.command("retry")
+def campaign_retry(
+    ctx: typer.Context, name: str,
+    unknown: Annotated[bool, typer.Option("--unknown", help="Resend messages whose fate is unknown (same Message-ID).")] = False,  # noqa: E501
+    failed: Annotated[bool, typer.Option("--failed", help="Retry failed deliveries (suppressed addresses stay out).")] = False,  # noqa: E501
+) -> None:
+    """Queue unknown and/or failed deliveries of a campaign again."""
+    with _store(ctx) as engine:
+        count = campaigns.retry(engine, name, unknown=unknown, failed=failed, now=time.time())
+    out.print(f"campaign {name!r}: {count} deliveries queued again; run `bulksend send`")
+
+
+@campaign_app.command("test")
+def campaign_test(
+    ctx: typer.Context, name: str,
+    to: Annotated[str, typer.Option(help="Where to send the test copy.")],
+    account: Annotated[Optional[str], typer.Option(help="The account to send through; default the first.")] = None,  # noqa: UP007,E501
+) -> None:
+    """Send one copy of the campaign to an address (not recorded, not counted)."""
+    settings = _config(ctx)
+    _, open_session = _send_settings(settings)
+    chosen = settings.account(account) if account else settings.accounts[0]
+    with _store(ctx) as engine:
+        result = campaigns.send_test(engine, name, _launch(settings), to, chosen, open_session,
+                                     time.time())
+    reply = f"{result.code or ''} {result.text or ''}".strip()
+    if result.outcome != smtp.Outcome.SENT:
+        raise BulksendError(f"test copy to {to} via {chosen.name} was not accepted: {reply}")
+    out.print(f"test copy of {name!r} sent to {to} via {chosen.name}: {reply}")
+
+
 @campaign_app.command("list")
 def campaign_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every campaign with its status and progress."""
@@ -481,13 +512,15 @@ def campaign_show(ctx: typer.Context, name: str, as_json: JsonOption = False) ->
 # --- sending --------------------------------------------------------------------------------------
 
 
-def _send_settings(settings: config.Config) -> tuple[sender.Settings, sender.SessionFactory]:
+def _send_settings(settings: config.Config, *, need_secret: bool = True
+                   ) -> tuple[sender.Settings, sender.SessionFactory]:
     """The loop's settings and an SMTP session factory, secrets read from the environment."""
-    if settings.sender is None:
+    if settings.sender is None and need_secret:
         raise ConfigError(f"{settings.source}: [sender] is missing: it is needed to send")
     if not settings.accounts:
         raise ConfigError(f"{settings.source}: no [[accounts]]: add at least one SMTP account")
-    secret = config.resolve_secret(settings.sender.secret_env, os.environ, "[sender] secret_env")
+    secret = (config.resolve_secret(settings.sender.secret_env, os.environ, "[sender] secret_env")
+              if need_secret and settings.sender is not None else "")
     passwords = {
         a.name: config.resolve_secret(a.password_env, os.environ, f"account {a.name}")
         for a in settings.accounts if a.password_env
@@ -496,7 +529,7 @@ def _send_settings(settings: config.Config) -> tuple[sender.Settings, sender.Ses
     def open_session(account: config.AccountConfig) -> smtp.Session:
         return smtp.open_session(account, passwords.get(account.name))
 
-    loop_settings = sender.Settings(settings.accounts, settings.delivery, settings.sender,
+    loop_settings = sender.Settings(settings.accounts, settings.delivery, settings.sender,  # type: ignore[arg-type]
                                     secret.encode("utf-8"), settings.dkim, settings.timezone)
     return loop_settings, open_session
 
@@ -531,6 +564,37 @@ def send(
     out.print(f"stopped: {report.stopped_because}")
 
 
+@app.command("plan")
+def plan(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
+    """When the campaign will finish under the accounts' limits."""
+    settings = _config(ctx)
+    with _store(ctx) as engine:
+        data = accounts.plan(engine, name, settings.accounts, settings.timezone, time.time())
+    if as_json:
+        _print_json({"remaining": data["remaining"], "finishes_at": data["finishes_at"],
+                     "by_account": data["by_account"]})
+        return
+    if data["finishes_at"] is None:
+        out.print(f"campaign {name!r}: {data['remaining']} to send, but no account can send")
+        return
+    out.print(f"campaign {name!r}: {data['remaining']} to send; at the accounts' limits it "
+              f"finishes by {_iso(data['finishes_at'])}")
+    for account, left in data["by_account"].items():
+        out.print(f"  {account}: {'no limit' if left is None else left} more today")
+    for account in data["disabled"]:
+        out.print(f"  {account}: disabled (bulksend accounts enable {account})")
+
+
+@app.command("demo")
+def demo_command() -> None:
+    """The whole pipeline on local SMTP servers it starts itself (no config needed)."""
+    from bulksend import demo  # starts servers: imported only when asked for
+
+    code = demo.run(out, err)
+    if code:
+        raise typer.Exit(code)
+
+
 @accounts_app.callback()
 def accounts_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every account: state, usage of each limit and when it frees, totals."""
@@ -553,6 +617,30 @@ def accounts_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
         table.add_row(row["name"], state, used, str(row["sent"]), str(row["failed"]),
                       row["last_error"] or "")
     out.print(table)
+
+
+@accounts_app.command("check")
+def accounts_check(ctx: typer.Context, name: Annotated[Optional[str], typer.Argument()] = None,  # noqa: UP007
+                   as_json: JsonOption = False) -> None:
+    """Connect, TLS, AUTH and capabilities of every account (or one); sends no mail."""
+    settings = _config(ctx)
+    _, open_session = _send_settings(settings, need_secret=False)
+    results = accounts.check(settings.accounts, open_session, name)
+    if as_json:
+        _print_json({"accounts": results})
+    else:
+        for row in results:
+            if row["ok"]:
+                caps = row["capabilities"]
+                features = [f for f in ("eightbitmime", "smtputf8") if caps[f]]
+                out.print(f"{row['name']}: ok ({'TLS' if row['tls'] else 'no TLS'}; "
+                          f"AUTH {' '.join(caps['auth']) or 'not offered'}; "
+                          f"{' '.join(features) or 'no 8BITMIME'}"
+                          + (f"; SIZE {caps['size']}" if caps["size"] else "") + ")")
+            else:
+                out.print(f"{row['name']}: FAILED: {row['error']}")
+    if not all(row["ok"] for row in results):
+        raise typer.Exit(1)
 
 
 @accounts_app.command("enable")
@@ -587,7 +675,8 @@ def dkim_keygen(
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` and return the exit code (tests call this directly)."""
     try:
-        app(args=argv, prog_name="bulksend", standalone_mode=False)
+        # Without standalone mode, click returns typer.Exit's code instead of raising it.
+        code = app(args=argv, prog_name="bulksend", standalone_mode=False)
     except BulksendError as exc:
         err.print(f"bulksend: {exc}")
         return 1
@@ -599,7 +688,7 @@ def run(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:  # usage errors: the parser already explained them
         getattr(exc, "show", lambda: err.print(f"bulksend: {exc}"))()
         return int(getattr(exc, "exit_code", 2))
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def main() -> NoReturn:

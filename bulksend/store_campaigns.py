@@ -201,3 +201,13 @@ def first_recipient(connection: Connection, list_ids: Sequence[int]) -> str | No
     people = audience(list_ids).order_by(subscribers.c.id).limit(1)
     row = connection.execute(people).first()
     return None if row is None else row.email_key
+
+
+def requeue(connection: Connection, campaign_id: int, states: Sequence[str], now: float) -> int:
+    """Queue a campaign's deliveries in `states` again, due now; returns how many."""
+    result = connection.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.campaign_id == campaign_id, deliveries.c.state.in_(states))
+        .values(state="queued", next_attempt_at=now, account=None, updated_at=now)
+    )
+    return result.rowcount
