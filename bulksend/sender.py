@@ -117,6 +117,7 @@ class Claimed:
     email: str
     email_key: str
     account: str
+    lease_expires_at: float
 
 
 class Sender:
@@ -206,7 +207,8 @@ class Sender:
                      for name in names]
             room = {name: left for name, left in capacity.items() if left is not None}
             chosen, positions = rotation.picks(slots, list(capacity), len(due), room=room)
-            assigned = [Claimed(item.id, item.campaign_id, item.email, item.email_key, name)
+            expires = now + self.settings.delivery.lease
+            assigned = [Claimed(item.id, item.campaign_id, item.email, item.email_key, name, expires)
                         for item, name in zip(due, chosen)]
             store_deliveries.save_positions(connection, positions, now)
             store_deliveries.claim(connection, [(c.id, c.account) for c in assigned], self.owner,
@@ -267,6 +269,12 @@ class Sender:
             for index, item in enumerate(items):
                 if self.stop.is_set():
                     break
+                if self.clock() >= item.lease_expires_at:
+                    # Past the lease (a slow batch, or this process was stopped): the dot
+                    # would be fenced off anyway, so do not start the transaction at all.
+                    with db.transaction(self.engine) as connection:
+                        store_deliveries.requeue(connection, [item.id], self.token, self.clock())
+                    continue
                 if session is None or not session.alive:
                     session = self._session(account, items[index:])
                     if session is None:
@@ -327,7 +335,8 @@ class Sender:
 
         def before_dot() -> bool:
             with db.transaction(self.engine) as connection:
-                holding = store_deliveries.mark_sending(connection, item.id, self.token, self.clock())
+                holding = store_deliveries.mark_sending(connection, item.id, self.token,
+                                                        self.clock(), self.settings.delivery.lease)
             self.crash.hit("before_dot")
             return holding
 
@@ -356,9 +365,9 @@ class Sender:
                 count_attempt=action.count_attempt and not unreached, code=code,
                 enhanced=enhanced, text=text, release_reservation=unreached,
             )
-            action.apply(connection, item, self.settings, now, text or "")
             if state in ("sent", "failed", "expired", "suppressed", "unknown"):
                 store_deliveries.finish_campaigns(connection, [item.campaign_id], now)
+            action.apply(connection, item, self.settings, now, text or "")
         self.crash.hit("after_result")
         with self._lock:
             if state == "sent":
@@ -382,9 +391,7 @@ class Sender:
         """The session could not be opened: the account's claims go back; the account rests."""
         now = self.clock()
         with db.transaction(self.engine) as connection:
-            for item in waiting:
-                store_deliveries.finish(connection, item.id, self.token, now, state="queued",
-                                        count_attempt=False, release_reservation=True)
+            store_deliveries.requeue(connection, [item.id for item in waiting], self.token, now)
             plan_for(error.outcome).apply(connection, waiting[0], self.settings, now, str(error))
 
 

@@ -25,6 +25,8 @@ Where §6 is silent this module decides, and says so here so DESIGN can follow:
 - At RCPT and after the dot, an explicit "no such user" wins over a 5.7.x code, because
   Yandex answers "550 5.7.1 No such user!"; other 5.7.x replies are POLICY_BLOCK.
 - 5.2.2 and mailbox-full wording are DEFERRED even as 5xx (§6); other 5.2.x are FAILED.
+- A 5xx at RCPT or later that refuses our envelope sender (X.1.7, X.1.8, "Sender address
+  rejected: ... User unknown") is never HARD_BOUNCE: the recipient may well exist.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ _HARD_CODES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.10"})
 _MAILBOX_FULL_CODES = frozenset({"4.2.2", "5.2.2"})
 _EXHAUSTED_CODES = frozenset({"5.4.5", "5.1.90", "5.7.705", "5.7.708"})
 _SIZE_CODES = frozenset({"5.3.4", "4.3.4"})
+_SENDER_CODES = frozenset({"5.1.7", "5.1.8"})  # bad sender's mailbox / system address
 
 # The recipient's side is busy or full: try this recipient again later.
 _RECIPIENT_BUSY = re.compile(
@@ -177,6 +180,11 @@ _UNKNOWN_USER = re.compile(
     r"|does not exist|user not found|recipient not found|mailbox not found|recipnotfound"
     r"|invalid[ -](mailbox|recipient|address)|not our customer|mailbox unallocated"
     r"|doesn't have an? [^;]{0,40}account|is no longer valid|no mailbox here"
+)
+# Our envelope sender refused (Postfix reject_unverified_sender, Exim sender verification).
+_SENDER_REFUSED = re.compile(
+    r"\bsender\b[^.;]{0,40}\b(rejected|refused|unknown|invalid|not found|does not exist|doesn't exist)"
+    r"|sender verif|verify sender"
 )
 # RFC 5321's stock 550 text; servers also use it for refusals, hence only for 550 and
 # only when no policy wording is present.
@@ -240,13 +248,15 @@ def _session_refusal(code: int, enhanced: str | None, lowered: str) -> Outcome:
 
 def _recipient_refusal(code: int, enhanced: str | None, lowered: str) -> Outcome:
     """A 5xx for this recipient or this message, at RCPT, DATA or after the dot."""
-    if enhanced in _HARD_CODES:
-        return Outcome.HARD_BOUNCE
     policy = _POLICY.search(lowered) is not None
-    if not policy and _UNKNOWN_USER.search(lowered):
+    # Servers that check the envelope sender at RCPT time ("Sender address rejected: ... User
+    # unknown") say nothing about the recipient: never suppress it for that.
+    about_sender = enhanced in _SENDER_CODES or _SENDER_REFUSED.search(lowered) is not None
+    if not about_sender and (enhanced in _HARD_CODES or (not policy and _UNKNOWN_USER.search(lowered))):
         return Outcome.HARD_BOUNCE
     if policy or (enhanced is not None and enhanced.startswith("5.7.")):
         return Outcome.POLICY_BLOCK
-    if code == 550 and enhanced in (None, "5.0.0", "5.5.0") and _MAILBOX_UNAVAILABLE.search(lowered):
+    if (not about_sender and code == 550 and enhanced in (None, "5.0.0", "5.5.0")
+            and _MAILBOX_UNAVAILABLE.search(lowered)):
         return Outcome.HARD_BOUNCE
     return Outcome.FAILED

@@ -102,7 +102,8 @@ def recover_expired(connection: Connection, now: float) -> tuple[int, int]:
     """Deal with leases of dead workers; returns (requeued, unknown).
 
     A `claimed` row never got its final dot: back to `queued`. A `sending` row may have been
-    delivered (the worker died around the dot): `unknown`, never resent automatically.
+    delivered (the worker died around the dot): `unknown`, never resent automatically. As
+    `unknown` is terminal, a campaign whose last open delivery this was is finished here.
     """
     expired = sa.and_(deliveries.c.lease_expires_at.is_not(None),
                       deliveries.c.lease_expires_at < now)
@@ -111,11 +112,15 @@ def recover_expired(connection: Connection, now: float) -> tuple[int, int]:
         sa.update(deliveries).where(deliveries.c.state == "claimed", expired)
         .values(state="queued", **clear)
     ).rowcount
+    stranded = sa.and_(deliveries.c.state == "sending", expired)
+    affected = list(connection.execute(
+        sa.select(deliveries.c.campaign_id).where(stranded).distinct()).scalars())
     unknown = connection.execute(
-        sa.update(deliveries).where(deliveries.c.state == "sending", expired)
+        sa.update(deliveries).where(stranded)
         .values(state="unknown", smtp_text="the worker stopped after committing the final dot",
                 **clear)
     ).rowcount
+    finish_campaigns(connection, affected, now)
     return requeued, unknown
 
 
@@ -211,13 +216,19 @@ def is_suppressed(connection: Connection, email_key: str) -> bool:
     return bool(connection.execute(sa.select(suppressed_condition(sa.literal(email_key)))).scalar())
 
 
-def mark_sending(connection: Connection, delivery_id: int, token: str, now: float) -> bool:
-    """Commit point before the final dot: True only if this worker still holds the lease."""
+def mark_sending(connection: Connection, delivery_id: int, token: str, now: float,
+                 lease: float) -> bool:
+    """Commit point before the final dot: True only if this worker still holds the lease.
+
+    The lease is renewed from `now`: the dot, its reply and the result get a whole lease,
+    however long the claim waited in its batch; otherwise recovery could call a message
+    `unknown` while its worker is reading the 250.
+    """
     result = connection.execute(
         sa.update(deliveries)
         .where(deliveries.c.id == delivery_id, deliveries.c.state == "claimed",
                deliveries.c.lease_token == token, deliveries.c.lease_expires_at > now)
-        .values(state="sending", updated_at=now)
+        .values(state="sending", lease_expires_at=now + lease, updated_at=now)
     )
     return result.rowcount == 1
 
@@ -267,17 +278,38 @@ def release_claims(connection: Connection, token: str, now: float) -> int:
     """Give back deliveries this worker claimed but never started (shutdown, dead account)."""
     mine = sa.select(deliveries.c.id).where(deliveries.c.lease_token == token,
                                             deliveries.c.state == "claimed")
-    ids = list(connection.execute(mine).scalars())
-    for delivery_id in ids:
-        finish(connection, delivery_id, token, now, state="queued", count_attempt=False,
-               release_reservation=True)
-    return len(ids)
+    return requeue(connection, list(connection.execute(mine).scalars()), token, now)
+
+
+def requeue(connection: Connection, delivery_ids: Iterable[int], token: str, now: float) -> int:
+    """Put claims that never reached MAIL FROM back in the queue, their quota released.
+
+    Rows whose lease this worker lost are left alone; returns how many went back.
+    """
+    return sum(finish(connection, delivery_id, token, now, state="queued", count_attempt=False,
+                      release_reservation=True)
+               for delivery_id in delivery_ids)
 
 
 def finish_campaigns(connection: Connection, campaign_ids: Iterable[int], now: float) -> list[int]:
-    """Mark running campaigns whose every delivery is terminal as finished; returns them."""
+    """Mark running campaigns whose every delivery is terminal as finished; returns them.
+
+    Near the end the campaign's row is locked before its deliveries are counted
+    (PostgreSQL; SQLite transactions are serial already): two workers committing the last
+    two results at once would otherwise each still see the other's row open, and neither
+    would finish it. Callers lock in the order deliveries, campaigns, account_state.
+    """
     done = []
-    for campaign_id in set(campaign_ids):
+    for campaign_id in sorted(set(campaign_ids)):
+        waiting = connection.execute(
+            sa.select(deliveries.c.id).where(deliveries.c.campaign_id == campaign_id,
+                                             deliveries.c.state.in_(("queued", "deferred")))
+            .limit(1)
+        ).first()
+        if waiting is not None:
+            continue  # not the end: the result of that delivery comes by here again
+        connection.execute(sa.select(campaigns.c.id).where(campaigns.c.id == campaign_id)
+                           .with_for_update())
         open_rows = connection.execute(
             sa.select(sa.func.count()).where(
                 deliveries.c.campaign_id == campaign_id,
