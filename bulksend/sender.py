@@ -42,9 +42,14 @@ MAX_RETRY_WAIT = 4000.0  # DESIGN §4: retry_after doubles up to this  # a daemo
 class Session(Protocol):
     """One open SMTP session to one account (see `bulksend.smtp`)."""
 
-    alive: bool
-    sent: int
-    eight_bit: bool
+    @property
+    def alive(self) -> bool: ...  # noqa: D102
+
+    @property
+    def sent(self) -> int: ...  # noqa: D102 - transactions started on this connection
+
+    @property
+    def eight_bit(self) -> bool: ...  # noqa: D102 - the server offers 8BITMIME
 
     def send(self, envelope_from: str, recipient: str, data: bytes,
              before_dot: Callable[[], bool]) -> Any: ...
@@ -279,7 +284,15 @@ class Sender:
                     session = self._session(account, items[index:])
                     if session is None:
                         return
-                self._send_one(session, item)
+                if self._send_one(session, item):
+                    # The provider told us to stop (cooldown, quota, disabled): the rest of
+                    # this lane goes back to the queue for the other accounts.
+                    with db.transaction(self.engine) as connection:
+                        store_deliveries.requeue(connection, [i.id for i in items[index + 1:]],
+                                                 self.token, self.clock())
+                    session.close()
+                    session = None
+                    return
                 if session.alive and session.sent >= self._accounts[account].messages_per_connection:
                     session.close()
                     session = None
@@ -319,7 +332,8 @@ class Sender:
                 self._factories[key] = factory
         return factory
 
-    def _send_one(self, session: Session, item: Claimed) -> None:
+    def _send_one(self, session: Session, item: Claimed) -> bool:
+        """Send one claimed delivery; True when its account must now rest."""
         now = self.clock()
         with db.reading(self.engine) as connection:
             if store_deliveries.is_suppressed(connection, item.email_key):
@@ -328,8 +342,7 @@ class Sender:
                 suppressed = False
                 person = store_deliveries.recipient(connection, item.id)
         if suppressed:
-            self._record(item, plan_for("suppressed"), None)
-            return
+            return self._record(item, plan_for("suppressed"), None)
         outgoing = self._factory(item.campaign_id, session.eight_bit).build(
             item.id, person.email, person.name, person.attributes, now)
 
@@ -342,13 +355,14 @@ class Sender:
 
         result = session.send(outgoing.envelope_from, outgoing.recipient, outgoing.data, before_dot)
         self.crash.hit("after_dot")
-        self._record(item, plan_for(result.outcome), result)
+        return self._record(item, plan_for(result.outcome), result)
 
     # --- results -----------------------------------------------------------------------------
 
-    def _record(self, item: Claimed, action: Action, result: Any) -> None:
+    def _record(self, item: Claimed, action: Action, result: Any) -> bool:
+        """Commit one result (DESIGN §6); True when the account now rests."""
         if action.state == "lease_lost":
-            return
+            return False
         now = self.clock()
         code = getattr(result, "code", None)
         enhanced = getattr(result, "enhanced", None)
@@ -367,7 +381,7 @@ class Sender:
             )
             if state in ("sent", "failed", "expired", "suppressed", "unknown"):
                 store_deliveries.finish_campaigns(connection, [item.campaign_id], now)
-            action.apply(connection, item, self.settings, now, text or "")
+            rests = action.apply(connection, item, self.settings, now, text or "")
         self.crash.hit("after_result")
         with self._lock:
             if state == "sent":
@@ -377,6 +391,7 @@ class Sender:
                 setattr(self.report, state, getattr(self.report, state) + 1)
             elif state == "expired":
                 self.report.failed += 1
+        return rests
 
     def _retry_at(self, item: Claimed, attempt: int, now: float, connection: Any
                   ) -> tuple[float | None, str]:

@@ -632,10 +632,6 @@ def test_disabled_account_is_not_revived_by_a_later_lesser_failure(
     assert_rests(engine, "bad", "disabled", None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG sender.py Sender._lane: after an account-level outcome (cooldown, exhausted, "
-    "disabled) at MAIL/RCPT/dot the lane goes on sending its remaining claims through the "
-    "same account instead of handing them back"))
 @pytest.mark.parametrize("reply", [
     pytest.param("421 4.7.0 Try again later, closing connection", id="421-cooldown"),
     pytest.param("550 5.4.5 Daily user sending quota exceeded.", id="quota-exhausted"),
