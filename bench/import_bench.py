@@ -62,21 +62,28 @@ def raw_sqlite(path: Path, db: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_with_rss(argv: list[str], cwd: Path, env: dict[str, str] | None = None
-                 ) -> tuple[float, int, str]:
-    """(seconds, peak RSS in bytes, stdout) of a child process, measured with wait4."""
+def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None
+                 ) -> tuple[float, int, float, str]:
+    """(seconds, peak RSS in bytes, CPU seconds, stdout) of a child process, via wait4."""
     out_file = tempfile.TemporaryFile(mode="w+")
     err_file = tempfile.TemporaryFile(mode="w+")
     start = time.perf_counter()
     child = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file, text=True, env=env)
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
     out_file.seek(0)
     err_file.seek(0)
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({child.returncode}): {err_file.read().strip()}")
-    return elapsed, usage.ru_maxrss * 1024, out_file.read()
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}): {err_file.read().strip()}")
+    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, out_file.read()
+
+
+def run_with_rss(argv: list[str], cwd: Path, env: dict[str, str] | None = None
+                 ) -> tuple[float, int, str]:
+    """(seconds, peak RSS in bytes, stdout) of a child process."""
+    elapsed, rss, _, out = run_measured(argv, cwd, env)
+    return elapsed, rss, out
 
 
 def bulksend_import(workdir: Path, database: str, csv_path: Path) -> tuple[float, int, str]:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from import_bench import BULKSEND, ROOT, Postgres, generate
+from import_bench import BULKSEND, ROOT, Postgres, generate, run_measured
 from postfix_tools import PostfixTools
 
 ACCOUNTS = 10
@@ -39,23 +39,6 @@ CONNECTIONS = 2
 SOURCE_SESSIONS = 10
 SECRET = "bench-secret-0123456789abcdef"
 TEMPLATES = ROOT / "templates"
-
-
-def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None
-                 ) -> tuple[float, int, float, str]:
-    """(seconds, peak RSS in bytes, CPU seconds, stdout) of a child process, via wait4."""
-    out_file = tempfile.TemporaryFile(mode="w+")
-    err_file = tempfile.TemporaryFile(mode="w+")
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file, text=True, env=env)
-    _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    out_file.seek(0)
-    err_file.seek(0)
-    if code != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({code}): {err_file.read().strip()}")
-    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, out_file.read()
 
 
 def config_text(database: str, port: int, dkim_key: Path | None) -> str:
