@@ -14,10 +14,6 @@ from importlib.resources import files
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from bulksend.errors import StoreError
@@ -100,7 +96,13 @@ def _reason(exc: sa.exc.DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
 
 
-def _alembic_config(connection: Connection) -> AlembicConfig:
+# Alembic is imported inside the functions below: it costs ~0.2 s at start-up, and most
+# commands (every cron run of `send`) only need to compare one revision string.
+
+
+def _alembic_config(connection: Connection) -> Any:
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(files("bulksend.migrations")))
     config.attributes["connection"] = connection
@@ -109,6 +111,8 @@ def _alembic_config(connection: Connection) -> AlembicConfig:
 
 def head_revision() -> str:
     """The newest migration this code ships."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(files("bulksend.migrations")))
     head = script.get_current_head()
     assert head is not None, "bulksend.migrations has no revisions"
@@ -117,12 +121,16 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
     with reading(engine) as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(engine: Engine) -> str:
     """Migrate the database to the newest revision; returns it."""
+    from alembic import command
+
     with transaction(engine) as connection:
         command.upgrade(_alembic_config(connection), "head")
     return head_revision()
