@@ -361,12 +361,16 @@ def _subscriber(line: int, row: list[str], layout: Layout, validator: AddressVal
     return Subscriber(line, email, email_key, domain, name, attributes)
 
 
-def _records(text: io.TextIOBase, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+def _records(text: io.TextIOWrapper, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     reader = csv.reader(text, delimiter=delimiter)
     line = 1
-    for row in reader:
-        yield line, row
-        line = reader.line_num + 1
+    try:
+        for row in reader:
+            yield line, row
+            line = reader.line_num + 1
+    finally:
+        if not text.buffer.closed:
+            text.detach()  # the caller owns (and closes) the byte stream underneath
 
 
 def open_rows(stream: BinaryIO, source: str, options: Options = Options()
