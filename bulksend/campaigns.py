@@ -122,6 +122,15 @@ def signing_key(domain: str, keys: tuple[DkimKey, ...]) -> DkimKey | None:
     return max(aligned, key=lambda key: len(key.domain), default=None)
 
 
+def campaign_signer(campaign: CampaignRow, sender: SenderConfig,
+                    keys: tuple[DkimKey, ...]) -> dkim.Signer | None:
+    """The signer of a started campaign's messages: its aligned key, unless --no-dkim."""
+    if campaign.no_dkim:
+        return None
+    key = signing_key(messages.from_domain(campaign, sender), keys)
+    return dkim.load_signer(key) if key is not None else None
+
+
 def _dkim_gate(campaign: CampaignRow, sender: SenderConfig, keys: tuple[DkimKey, ...],
                no_dkim: bool) -> DkimKey | None:
     if no_dkim:
@@ -275,9 +284,7 @@ def send_test(engine: Engine, name: str, launch: Launch, to: str, account: Any,
             display, attributes = person.name, person.attributes
         except NotFound:
             display, attributes = "", {}
-    dkim_key = None if campaign.no_dkim else signing_key(
-        messages.from_domain(campaign, launch.sender), launch.dkim_keys)
-    signer = dkim.load_signer(dkim_key) if dkim_key is not None else None
+    signer = campaign_signer(campaign, launch.sender, launch.dkim_keys)
     session = open_session(account)
     try:
         factory = messages.MessageFactory(campaign, launch.sender, launch.secret, signer,
@@ -344,9 +351,7 @@ def preview(engine: Engine, name: str, launch: Launch, *, email: str | None, now
             raise StateError(f"campaign {name!r}: its lists have no subscribed members to preview")
         person = store.subscriber(connection, key)
         delivery = store_campaigns.delivery_for(connection, campaign.id, key)
-    dkim_key = None if campaign.no_dkim else signing_key(
-        messages.from_domain(campaign, launch.sender), launch.dkim_keys)
-    signer = dkim.load_signer(dkim_key) if dkim_key is not None else None
+    signer = campaign_signer(campaign, launch.sender, launch.dkim_keys)
     factory = messages.MessageFactory(campaign, launch.sender, launch.secret, signer)
     delivery_id = delivery.id if delivery is not None else 0
     return factory.build(delivery_id, person.email, person.name, person.attributes, now), delivery is not None

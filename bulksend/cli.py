@@ -686,7 +686,10 @@ def run(argv: list[str] | None = None) -> int:
         err.print("bulksend: interrupted; nothing was changed by the interrupted step")
         return 130
     except typer.TyperException as exc:  # usage errors: the parser already explained them
-        getattr(exc, "show", lambda: err.print(f"bulksend: {exc}"))()
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"bulksend: {exc}")
         return int(getattr(exc, "exit_code", 2))
     return code if isinstance(code, int) else 0
 

@@ -27,12 +27,11 @@ from zoneinfo import ZoneInfo
 import tenacity
 from sqlalchemy.engine import Engine
 
-from bulksend import db, dkim, limits, messages, rotation, store_campaigns, store_deliveries
-from bulksend.campaigns import signing_key
+from bulksend import db, limits, messages, rotation, store_campaigns, store_deliveries
+from bulksend.campaigns import campaign_signer
 from bulksend.config import AccountConfig, DeliveryConfig, DkimKey, SenderConfig
 from bulksend.outcomes import Action, plan_for
 from bulksend.smtp import AccountError
-from bulksend.store_campaigns import CampaignRow
 
 Clock = Callable[[], float]
 IDLE_POLL = 5.0
@@ -321,11 +320,7 @@ class Sender:
         if factory is None:
             with db.reading(self.engine) as connection:
                 campaign = store_campaigns.campaign_by_id(connection, campaign_id)
-            signer = None
-            if not campaign.no_dkim:
-                domain = messages.from_domain(campaign, self.settings.sender)
-                key_config = signing_key(domain, self.settings.dkim_keys)
-                signer = dkim.load_signer(key_config) if key_config is not None else None
+            signer = campaign_signer(campaign, self.settings.sender, self.settings.dkim_keys)
             factory = messages.MessageFactory(campaign, self.settings.sender, self.settings.secret,
                                               signer, eight_bit=eight_bit)
             with self._lock:
@@ -369,10 +364,10 @@ class Sender:
         text = getattr(result, "text", None)
         reached = result is not None and result.reached_mail
         with db.transaction(self.engine) as connection:
-            attempts = store_deliveries.recipient(connection, item.id).attempts
             state, next_at = action.state, None
             if state == "deferred":
-                next_at, state = self._retry_at(item, attempts + 1, now, connection)
+                row = store_deliveries.recipient(connection, item.id)
+                next_at, state = self._retry_at(row.attempts + 1, row.created_at, now)
             unreached = action.release_if_no_mail and not reached
             store_deliveries.finish(
                 connection, item.id, self.token, now, state=state, next_attempt_at=next_at,
@@ -393,11 +388,9 @@ class Sender:
                 self.report.failed += 1
         return rests
 
-    def _retry_at(self, item: Claimed, attempt: int, now: float, connection: Any
-                  ) -> tuple[float | None, str]:
+    def _retry_at(self, attempt: int, queued_at: float, now: float) -> tuple[float | None, str]:
         """When a deferred delivery is tried again, or `expired` if it has waited too long."""
         delivery = self.settings.delivery
-        queued_at = store_deliveries.recipient(connection, item.id).created_at
         if attempt >= delivery.max_attempts or now - queued_at >= delivery.give_up_after:
             return None, "expired"
         return now + retry_delay(delivery, attempt), "deferred"

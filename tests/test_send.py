@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from bulksend import campaigns, config, db, models, sender, smtp, subscribers
+from bulksend import campaigns, models, sender, smtp, subscribers
 from bulksend.config import AccountConfig, DeliveryConfig, SenderConfig
 from bulksend.durations import parse_limit
 from tests.support.cli import Bulksend
