@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,17 +23,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-import os
-import signal
-
 from bulksend import (
-    __version__, accounts, campaigns, config, db, dkim, importer, sender, smtp, subscribers,
-    suppression,
+    __version__, accounts, campaigns, config, db, dkim, importer, progress, sender, smtp,
+    store_campaigns, subscribers, suppression,
 )
 from bulksend.config_example import EXAMPLE_CONFIG
 from bulksend.errors import BulksendError, ConfigError
 
 PROGRESS_MIN_BYTES = 1 << 20  # smaller files import faster than a bar can draw
+SEND_LOG_EVERY = 10.0  # seconds between `send` progress lines when stdout is not a terminal
 
 app = typer.Typer(
     name="bulksend", add_completion=False, no_args_is_help=True,
@@ -551,7 +551,10 @@ def send(
                                crash=sender.CrashPoints(os.environ.get("BULKSEND_CRASH_AT")))
         previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
         try:
-            report = worker.run(once=once, max_time=max_time)
+            if as_json:  # stdout carries the one JSON object and nothing else
+                report = worker.run(once=once, max_time=max_time)
+            else:
+                report = _send_with_progress(engine, worker, settings, campaign, once, max_time)
         finally:
             signal.signal(signal.SIGTERM, previous)
     if as_json:
@@ -562,6 +565,19 @@ def send(
               f"unknown {report.unknown}, suppressed {report.suppressed}"
               + (f" ({per_account})" if per_account else ""))
     out.print(f"stopped: {report.stopped_because}")
+
+
+def _send_with_progress(engine: Engine, worker: sender.Sender, settings: config.Config,
+                        campaign: str | None, once: bool, max_time: float | None) -> sender.Report:
+    """The send with its live view: bars on a terminal, a line per interval in a log."""
+    with db.reading(engine) as connection:
+        waiting = store_campaigns.waiting_count(connection, campaign)
+    names = [a.name for a in settings.accounts]
+    view = progress.SendProgress(out, waiting if once else None,
+                                 [progress.AccountLine.of(a) for a in settings.accounts],
+                                 plain_every=SEND_LOG_EVERY, plain_final=False)
+    return progress.run_with_progress(worker, view, lambda: worker.run(once=once, max_time=max_time),
+                                      lambda: progress.account_states(engine, names))
 
 
 @app.command("plan")

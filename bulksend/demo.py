@@ -38,29 +38,25 @@ from bulksend import (
     db,
     sender,
     smtp,
-    store_deliveries,
     subscribers,
 )
 from bulksend.demo_servers import DemoServers, make_tls_files
 from bulksend.demo_setup import ACCOUNTS, SECRET_ENV, environment, providers, write_workspace
 from bulksend.demo_view import (
     TABLE,
-    AccountLine,
-    SendProgress,
     account_errors,
     accounts_table,
     campaign_lines,
-    describe_state,
     providers_table,
     servers_table,
     step,
     verdict,
 )
 from bulksend.errors import BulksendError
+from bulksend.progress import AccountLine, SendProgress, account_states, run_with_progress
 
 LIST, CAMPAIGN = "news", "newsletter"
 SUBJECT = "What's new at Example News this month"
-REFRESH = 0.1  # seconds between progress updates
 SEND_MAX_TIME = 45.0  # a safety net: the send takes a few seconds
 TIMEOUTS = smtp.Timeouts(command=10.0, transaction=30.0)  # loopback servers answer at once
 
@@ -215,38 +211,7 @@ def _send(out: Console, engine: Engine, settings: config.Config, env: dict[str, 
                                     settings.dkim, settings.timezone)
     worker = sender.Sender(engine, loop_settings, open_session, clock=time.time, sleep=time.sleep,
                            campaign=CAMPAIGN)
-    reports: list[sender.Report] = []
-    failures: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            reports.append(worker.run(once=True, max_time=SEND_MAX_TIME))
-        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread below
-            failures.append(error)
-
-    # Each account's bar ends at its smallest limit: in this demo, all within one minute.
-    lines = [AccountLine(a.name, min((lim.count for lim in a.limits), default=None),
-                         min(a.limits, key=lambda lim: lim.count).text if a.limits else "")
-             for a in settings.accounts]
-    thread = threading.Thread(target=work, name="bulksend-demo-sender", daemon=True)
-    with SendProgress(out, total, lines) as view:
-        thread.start()
-        try:
-            while thread.is_alive():
-                thread.join(REFRESH)
-                view.update(worker.report, _states(engine, settings))
-            view.update(worker.report, _states(engine, settings), final=True)
-        finally:
-            worker.stop.set()  # after Ctrl-C: in-flight messages finish, claims go back
-            thread.join(timeout=60)
-    if failures:
-        raise failures[0]
-    return reports[0]
-
-
-def _states(engine: Engine, settings: config.Config) -> dict[str, str]:
-    """Each account's state for the progress; a read-only query, so the sender never waits."""
-    with db.reading(engine) as connection:
-        rows = store_deliveries.accounts(connection, [a.name for a in settings.accounts])
-    now = time.time()
-    return {name: describe_state(row.state, row.until, now) for name, row in rows.items()}
+    names = [a.name for a in settings.accounts]
+    view = SendProgress(out, total, [AccountLine.of(a) for a in settings.accounts])
+    return run_with_progress(worker, view, lambda: worker.run(once=True, max_time=SEND_MAX_TIME),
+                             lambda: account_states(engine, names))

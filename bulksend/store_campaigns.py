@@ -158,6 +158,21 @@ def state_counts(connection: Connection, campaign_id: int) -> dict[str, int]:
     return {state: count for state, count in rows}
 
 
+def waiting_count(connection: Connection, campaign: str | None = None) -> int:
+    """Deliveries not yet attempted to the end (queued, deferred, claimed) of live campaigns.
+
+    What a `send` run has in front of it: the total of its progress bar.
+    """
+    live = sa.select(campaigns.c.id).where(campaigns.c.status.in_(("running", "scheduled")))
+    if campaign is not None:
+        live = live.where(campaigns.c.name == campaign)
+    return connection.execute(
+        sa.select(sa.func.count()).select_from(deliveries)
+        .where(deliveries.c.state.in_(("queued", "deferred", "claimed")),
+               deliveries.c.campaign_id.in_(live))
+    ).scalar_one()
+
+
 def sent_by_account(connection: Connection, campaign_id: int) -> dict[str, int]:
     """Messages of a campaign delivered through each account."""
     rows = connection.execute(
