@@ -1,52 +1,31 @@
 """Subscriber files as Excel and other tools write them → validated subscriber records.
 
-The pipeline: sniff the encoding (BOM, UTF-8, then cp1251/latin-1 by statistics), sniff the
-delimiter, find the email and name columns by their headers, then turn every row into a
-`Subscriber` or a `Rejected` with its original line number and the reason. Nothing here
-touches the store; `subscribers.import_file` feeds the records into it.
+The pipeline: `file_layout` sniffs the encoding and the delimiter and finds the email and
+name columns by their headers; then every row turns into a staged row (a `Subscriber`) or
+a `Rejected` with its original line number and the reason. Nothing here touches the store;
+`subscribers.import_file` feeds the records into it.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
+import json
+import operator
 import re
 import unicodedata
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, NamedTuple
 
-import charset_normalizer
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from bulksend.errors import AddressError, ImportFileError
+from bulksend.file_layout import (
+    SAMPLE_BYTES, Layout, Options, build_layout, check_encoding, detect_encoding,
+    reject_binary_text, sniff_delimiter,
+)
 
-SAMPLE_BYTES = 64 * 1024
-DELIMITERS = (",", ";", "\t", "|")
 MAX_NAME = 500
-csv.field_size_limit(1 << 20)  # a long attribute is data; the stdlib default is 128 KiB
-
-# Headers are compared after `_header_key`: lower case, letters and digits only.
-EMAIL_HEADERS = frozenset({
-    "email", "mail", "emailaddress", "mailaddress", "emails", "email1", "primaryemail",
-    "почта", "элпочта", "электроннаяпочта", "адрес", "адресэлектроннойпочты", "адреспочты",
-    "емейл", "емэйл", "имейл", "мейл", "emailадрес", "ящик", "courriel", "correo",
-    "correoelectronico", "adresseemail", "epost", "posta",
-})
-NAME_HEADERS = frozenset({
-    "name", "fullname", "displayname", "contactname", "subscribername", "имя", "фио",
-    "имяфамилия", "полноеимя", "nom", "nombre", "nomcomplet",
-})
-FIRST_NAME_HEADERS = frozenset({"firstname", "first", "givenname", "forename", "имяотчество"})
-LAST_NAME_HEADERS = frozenset({"lastname", "last", "surname", "familyname", "фамилия"})
-
-# Signatures of files people pick by mistake, for a message that says what to do instead.
-BINARY_SIGNATURES = {
-    b"PK\x03\x04": "a ZIP archive (an Excel .xlsx workbook?); save it as CSV",
-    b"\xd0\xcf\x11\xe0": "an old Excel .xls workbook; save it as CSV",
-    b"%PDF": "a PDF document",
-}
 
 # Characters that must never reach a stored value: C0/C1 controls, line and paragraph
 # separators, and the bidi overrides used to disguise text.
@@ -55,7 +34,6 @@ _INVISIBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u
 _SPACES = re.compile(r" {2,}")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
-_EMAILISH = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+\Z")
 # Plain ASCII host names that email-validator accepts as they are (lower-cased); anything
 # else (IDN, "--" labels, odd TLDs, special-use names) is left to email-validator itself.
 _PLAIN_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
@@ -63,29 +41,6 @@ _SPECIAL_USE = tuple(SPECIAL_USE_DOMAIN_NAMES)
 _NEEDS_CLEANING = re.compile(
     r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]|  |^\s|\s\Z"
 )
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to read a file; None means detect."""
-
-    encoding: str | None = None
-    delimiter: str | None = None
-    email_column: str | None = None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What was detected about a file: encoding, delimiter and the meaning of each column."""
-
-    encoding: str
-    delimiter: str
-    has_header: bool
-    header: tuple[str, ...]
-    email_index: int
-    name_index: int | None
-    first_last: tuple[int, int] | None  # name built from first + last name columns
-    attributes: tuple[tuple[int, str], ...]  # (column index, attribute key)
 
 
 class Subscriber(NamedTuple):
@@ -109,138 +64,6 @@ class Rejected(NamedTuple):
 
 class InvalidAddress(ValueError):
     """An email address that fails validation; the message says why."""
-
-
-# --- encoding -------------------------------------------------------------------------
-
-
-def detect_encoding(sample: bytes, source: str) -> str:
-    """The encoding of a file from its first bytes; raises ImportFileError if it is not text."""
-    for bom, encoding in (
-        (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-        (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
-    ):
-        if sample.startswith(bom):
-            return encoding
-    for signature, what in BINARY_SIGNATURES.items():
-        if sample.startswith(signature):
-            raise ImportFileError(f"{source}: not a text file: {what}")
-    nuls = sample.count(b"\x00")
-    if nuls > max(2, len(sample) // 1000):  # a stray NUL in a cell is data; many mean binary
-        offset = sample.index(b"\x00")
-        raise ImportFileError(f"{source}: not a text file ({nuls} NUL bytes, the first at "
-                              f"offset {offset})")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    best = charset_normalizer.from_bytes(
-        sample, cp_isolation=["cp1251", "cp1252", "latin_1", "koi8_r"]
-    ).best()
-    if best is None:
-        raise ImportFileError(f"{source}: not a text file, or an unknown encoding (use --encoding)")
-    return best.encoding
-
-
-def _check_encoding(encoding: str, source: str) -> str:
-    try:
-        return codecs.lookup(encoding).name
-    except LookupError:
-        raise ImportFileError(f"{source}: unknown encoding {encoding!r}") from None
-
-
-# --- layout ---------------------------------------------------------------------------
-
-
-def _header_key(value: str) -> str:
-    return "".join(ch for ch in value.lower() if ch.isalnum())
-
-
-def _attribute_key(value: str, index: int, taken: set[str]) -> str:
-    key = re.sub(r"\W+", "_", value.strip().lower()).strip("_")
-    if not key or not key.isidentifier():
-        key = f"col{index + 1}" if not key else f"c_{key}"
-    base, n = key, 2
-    while key in taken:
-        key, n = f"{base}_{n}", n + 1
-    taken.add(key)
-    return key
-
-
-def sniff_delimiter(lines: list[str]) -> str:
-    """The delimiter that splits the sample into the most consistent number of fields."""
-    best, best_score = ",", (0.0, 0)
-    for delimiter in DELIMITERS:
-        rows = [row for row in csv.reader(lines, delimiter=delimiter) if row]
-        if not rows or len(rows[0]) < 2:
-            continue
-        width = len(rows[0])
-        consistent = sum(1 for row in rows if len(row) == width) / len(rows)
-        if (consistent, width) > best_score:
-            best, best_score = delimiter, (consistent, width)
-    return best
-
-
-def _find_column(header: list[str], names: frozenset[str]) -> int | None:
-    keys = [_header_key(cell) for cell in header]
-    for index, key in enumerate(keys):
-        if key in names:
-            return index
-    return None
-
-
-def _email_column(header: list[str], wanted: str | None, source: str) -> int | None:
-    if wanted is not None:
-        if wanted.isdigit() and 1 <= int(wanted) <= len(header):
-            return int(wanted) - 1
-        for index, cell in enumerate(header):
-            if cell.strip().lower() == wanted.strip().lower():
-                return index
-        raise ImportFileError(
-            f"{source}: no column {wanted!r} (columns: {', '.join(header) or 'none'})"
-        )
-    found = _find_column(header, EMAIL_HEADERS)
-    if found is None:  # "Work email", "E-mail (primary)": one header that mentions mail
-        loose = [i for i, cell in enumerate(header)
-                 if any(part in _header_key(cell) for part in ("email", "почт"))]
-        found = loose[0] if len(loose) == 1 else None
-    return found
-
-
-def build_layout(first_row: list[str], encoding: str, delimiter: str, options: Options,
-                 source: str) -> Layout:
-    """Decide which column holds the address, the name and each attribute."""
-    header = [cell.strip() for cell in first_row]
-    addresses = [i for i, cell in enumerate(header) if _EMAILISH.match(cell)]
-    has_header = not addresses  # a first row holding an address is data, not a header
-    if has_header:
-        email_index = _email_column(header, options.email_column, source)
-    else:
-        header = [f"col{i + 1}" for i in range(len(header))]
-        email_index = (addresses[0] if options.email_column is None
-                       else _email_column(header, options.email_column, source))
-    if email_index is None:
-        shown = ", ".join(repr(cell) for cell in header[:8]) or "an empty first row"
-        raise ImportFileError(
-            f"{source}: no email column found (first row: {shown}); "
-            "name it 'email' or pass --email-column"
-        )
-    name_index = _find_column(header, NAME_HEADERS) if has_header else None
-    first_last = None
-    if name_index is None and has_header:
-        first, last = _find_column(header, FIRST_NAME_HEADERS), _find_column(header, LAST_NAME_HEADERS)
-        if first is not None and last is not None:
-            first_last = (first, last)
-    taken: set[str] = set()
-    attributes = tuple(
-        (index, _attribute_key(cell, index, taken))
-        for index, cell in enumerate(header)
-        if index not in (email_index, name_index)
-    )
-    return Layout(encoding, delimiter, has_header, tuple(header), email_index, name_index,
-                  first_last, attributes)
 
 
 # --- values ---------------------------------------------------------------------------
@@ -277,7 +100,7 @@ class AddressValidator:
     """
 
     def __init__(self, cache_size: int = 200_000) -> None:
-        self._domains: dict[str, str | InvalidAddress] = {}
+        self.verdicts: dict[str, str | InvalidAddress] = {}  # domain as given -> verdict
         self._cache_size = cache_size
 
     def key(self, address: str) -> tuple[str, str]:
@@ -290,11 +113,11 @@ class AddressValidator:
         return self._full(address)
 
     def _domain(self, domain: str) -> str:
-        verdict = self._domains.get(domain)
+        verdict = self.verdicts.get(domain)
         if verdict is None:
-            if len(self._domains) >= self._cache_size:
-                self._domains.clear()
-            verdict = self._domains[domain] = self._check_domain(domain)
+            if len(self.verdicts) >= self._cache_size:
+                self.verdicts.clear()
+            verdict = self.verdicts[domain] = self._check_domain(domain)
         if isinstance(verdict, InvalidAddress):
             raise verdict
         return verdict
@@ -333,49 +156,141 @@ def address_key(email: str) -> str:
 
 # --- rows -----------------------------------------------------------------------------
 
+# A valid row as the store takes it: line, email as given, email_key, ascii domain, name,
+# attributes as a JSON object, and the caller's timestamp (stored as created/updated).
+Staged = tuple[int, str, str, str, str, str, float]
+_json_string = json.encoder.encode_basestring  # C; the same text json.dumps(ensure_ascii=False) writes
 
-def _subscriber(line: int, row: list[str], layout: Layout, validator: AddressValidator
-                ) -> Subscriber | Rejected:
-    width = len(layout.header)
-    if len(row) > width and any(cell.strip() for cell in row[width:]):
-        return Rejected(line, row, f"{len(row)} fields where the header has {width} "
-                                   "(an unquoted delimiter?)")
-    cells = row if len(row) >= width else row + [""] * (width - len(row))
-    email = strip_address(cells[layout.email_index])
-    if not email:
-        return Rejected(line, row, "no email address")
-    try:
-        email_key, domain = validator.key(email)
-    except InvalidAddress as exc:
-        return Rejected(line, row, f"invalid address {email!r}: {exc}")
-    if layout.name_index is not None:
-        name = clean_text(cells[layout.name_index])
-    elif layout.first_last is not None:
-        name = clean_text(f"{cells[layout.first_last[0]]} {cells[layout.first_last[1]]}")
-    else:
-        name = ""
-    if len(name) > MAX_NAME:
-        return Rejected(line, row, f"name longer than {MAX_NAME} characters")
-    # An empty cell is no value: it neither stores "" nor erases a value already known.
-    attributes = {key: value for index, key in layout.attributes if (value := clean_text(cells[index]))}
-    return Subscriber(line, email, email_key, domain, name, attributes)
+
+class Batch(NamedTuple):
+    """Consecutive data rows of a file, converted."""
+
+    rows: list[Staged]
+    rejected: list[Rejected]  # empty unless the caller keeps them
+    invalid: int
+    position: int  # bytes of the file read so far
+
+
+class _Converter:
+    """Turns the data rows of one file into staged rows or rejections."""
+
+    def __init__(self, layout: Layout, stamp: float) -> None:
+        self.layout = layout
+        self.stamp = stamp
+        self.width = len(layout.header)
+        self.validator = AddressValidator()
+        # Keys are identifiers, so their JSON form is fixed: encode them once.
+        self.attribute_json = tuple((index, _json_string(key) + ":") for index, key in layout.attributes)
+        # The common case, every attribute present with nothing to escape, fills a template.
+        self.template = "{" + ",".join(f'{key}"%s"' for _, key in self.attribute_json) + "}"
+        indexes = [index for index, _ in layout.attributes]
+        self.pick: Callable[[list[str]], tuple[str, ...]] = (
+            operator.itemgetter(*indexes) if len(indexes) > 1  # type: ignore[assignment]
+            else lambda row: tuple(row[index] for index in indexes))
+
+    def row(self, line: int, row: list[str]) -> Staged | Rejected | None:
+        """One row, every case handled; None for a blank row."""
+        if not "".join(row).strip():  # a blank line or only delimiters is not a row
+            return None
+        layout, width = self.layout, self.width
+        if len(row) > width and any(cell.strip() for cell in row[width:]):
+            return Rejected(line, row, f"{len(row)} fields where the header has {width} "
+                                       "(an unquoted delimiter?)")
+        cells = row if len(row) >= width else row + [""] * (width - len(row))
+        email = strip_address(cells[layout.email_index])
+        if not email:
+            return Rejected(line, row, "no email address")
+        try:
+            email_key, domain = self.validator.key(email)
+        except InvalidAddress as exc:
+            return Rejected(line, row, f"invalid address {email!r}: {exc}")
+        if layout.name_index is not None:
+            name = clean_text(cells[layout.name_index])
+        elif layout.first_last is not None:
+            name = clean_text(f"{cells[layout.first_last[0]]} {cells[layout.first_last[1]]}")
+        else:
+            name = ""
+        if len(name) > MAX_NAME:
+            return Rejected(line, row, f"name longer than {MAX_NAME} characters")
+        # An empty cell is no value: it neither stores "" nor erases a value already known.
+        attributes = ",".join([key + _json_string(value) for index, key in self.attribute_json
+                               if (value := clean_text(cells[index]))])
+        return (line, email, email_key, domain, name, "{" + attributes + "}", self.stamp)
+
+    def batches(self, reader: Any, line: int, tell: Callable[[], int], size: int,
+                keep_rejected: bool) -> Iterator[Batch]:
+        """Batches of `size` valid rows from `reader`, whose next row starts at `line`.
+
+        Most rows take the fast path: the address cell is plain ASCII at a domain seen
+        before and no cell needs cleaning, which makes every step of `row()` an identity.
+        Any other row goes through `row()`. The loop is one function on purpose: at a
+        million rows, each call or attribute lookup per row costs a visible fraction.
+        """
+        rows: list[Staged] = []
+        rejected: list[Rejected] = []
+        invalid = 0
+        width, email_index, name_index = self.width, self.layout.email_index, self.layout.name_index
+        fast = self.layout.first_last is None
+        verdicts, dot_atom, attribute_json = self.validator.verdicts, _DOT_ATOM_LOCAL.match, self.attribute_json
+        stamp, template, pick = self.stamp, self.template, self.pick
+        for row in reader:
+            this, line = line, reader.line_num + 1
+            if fast and len(row) == width:
+                email = row[email_index]
+                local, _, domain = email.rpartition("@")
+                ascii_domain = verdicts.get(domain)
+                joined = "|".join(row)
+                # What AddressValidator.key() accepts without email-validator, at a domain it
+                # already found valid; and cells that clean_text() and strip_address() leave
+                # as they are: printable, no doubled, leading or trailing space in any cell.
+                if (ascii_domain.__class__ is str and email.isascii() and dot_atom(local)
+                        and len(local) <= 64 and len(email) <= 254
+                        and len(local) + len(ascii_domain) <= 253
+                        and joined.isprintable() and "  " not in joined and " |" not in joined
+                        and "| " not in joined and joined[0] != " " and joined[-1] != " "):
+                    name = row[name_index] if name_index is not None else ""
+                    if len(name) <= MAX_NAME:
+                        values = pick(row)
+                        if "" not in values and '"' not in joined and "\\" not in joined:
+                            attributes = template % values
+                        else:
+                            attributes = "{" + ",".join([key + _json_string(row[index]) for index, key
+                                                         in attribute_json if row[index]]) + "}"
+                        key = f"{local.lower()}@{ascii_domain}"
+                        if key == email:
+                            key = email  # one object: it pickles (to a parsing process) once
+                        rows.append((this, email, key, ascii_domain, name, attributes, stamp))
+                        if len(rows) >= size:
+                            yield Batch(rows, rejected, invalid, tell())
+                            rows, rejected, invalid = [], [], 0
+                        continue
+            item = self.row(this, row)
+            if item is None:
+                continue
+            if item.__class__ is Rejected:
+                invalid += 1
+                if keep_rejected:
+                    rejected.append(item)  # type: ignore[arg-type]
+                continue
+            rows.append(item)  # type: ignore[arg-type]
+            if len(rows) >= size:
+                yield Batch(rows, rejected, invalid, tell())
+                rows, rejected, invalid = [], [], 0
+        yield Batch(rows, rejected, invalid, tell())
 
 
 def _records(text: io.TextIOWrapper, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     reader = csv.reader(text, delimiter=delimiter)
     line = 1
-    try:
-        for row in reader:
-            yield line, row
-            line = reader.line_num + 1
-    finally:
-        if not text.buffer.closed:
-            text.detach()  # the caller owns (and closes) the byte stream underneath
+    for row in reader:
+        yield line, row
+        line = reader.line_num + 1
 
 
-def open_rows(stream: BinaryIO, source: str, options: Options = Options()
-              ) -> tuple[Layout, Iterator[Subscriber | Rejected]]:
-    """Detect the layout of `stream` and return it with an iterator over its data rows.
+def open_batches(stream: BinaryIO, source: str, options: Options = Options(), *,
+                 size: int = 5_000, keep_rejected: bool = True, stamp: float = 0.0
+                 ) -> tuple[Layout, Iterator[Batch]]:
+    """Detect the layout of `stream` and return it with an iterator over its data rows in batches.
 
     Layout problems (not text, no email column) raise ImportFileError before any row is
     read, so callers can refuse a file before writing anything.
@@ -384,51 +299,77 @@ def open_rows(stream: BinaryIO, source: str, options: Options = Options()
     stream.seek(0)
     if not sample.strip():
         raise ImportFileError(f"{source}: the file is empty")
-    encoding = _check_encoding(options.encoding or detect_encoding(sample, source), source)
+    encoding = check_encoding(options.encoding or detect_encoding(sample, source), source)
     text = io.TextIOWrapper(stream, encoding=encoding, errors="strict", newline="")
     try:
         head = text.read(SAMPLE_BYTES)
     except UnicodeDecodeError as exc:
+        text.detach()
         raise ImportFileError(f"{source}: not valid {encoding}: {exc.reason} (use --encoding)") from None
-    _reject_binary_text(head, source)
-    lines = head.splitlines(keepends=True)[:50]
-    delimiter = options.delimiter or sniff_delimiter(lines[:-1] if len(lines) > 1 else lines)
-    if len(delimiter) != 1:
-        raise ImportFileError(f"{source}: the delimiter must be one character, got {delimiter!r}")
-    text.seek(0)
-    records = _records(text, delimiter)
-    first = next(((n, row) for n, row in records if any(cell.strip() for cell in row)), None)
-    if first is None:
-        raise ImportFileError(f"{source}: the file has no rows")
-    layout = build_layout(first[1], encoding, delimiter, options, source)
-    return layout, _rows(first, records, layout, source)
-
-
-def _reject_binary_text(head: str, source: str) -> None:
-    controls = sum(1 for ch in head if ch < " " and ch not in "\t\r\n")
-    if controls > max(8, len(head) // 100):
-        raise ImportFileError(f"{source}: not a text file ({controls} control characters "
-                              "in the first block)")
-
-
-def _rows(first: tuple[int, list[str]], records: Iterator[tuple[int, list[str]]],
-          layout: Layout, source: str) -> Iterator[Subscriber | Rejected]:
-    validator = AddressValidator()
-    if not layout.has_header:
-        yield _subscriber(first[0], first[1], layout, validator)
     try:
-        for line, row in records:
-            if "".join(row).strip():  # a blank line or only delimiters is not a row
-                yield _subscriber(line, row, layout, validator)
+        reject_binary_text(head, source)
+        lines = head.splitlines(keepends=True)[:50]
+        delimiter = options.delimiter or sniff_delimiter(lines[:-1] if len(lines) > 1 else lines)
+        if len(delimiter) != 1:
+            raise ImportFileError(f"{source}: the delimiter must be one character, got {delimiter!r}")
+        text.seek(0)
+        reader = csv.reader(text, delimiter=delimiter)
+        first, line = None, 1
+        for row in reader:
+            first, line = (line, row), reader.line_num + 1
+            if any(cell.strip() for cell in row):
+                break
+        else:
+            raise ImportFileError(f"{source}: the file has no rows")
+        layout = build_layout(first[1], encoding, delimiter, options, source)
+    except BaseException:
+        text.detach()  # the caller owns (and closes) the byte stream underneath
+        raise
+    converter = _Converter(layout, stamp)
+    return layout, _batches(converter, first, reader, line, text, source, size, keep_rejected)
+
+
+def _batches(converter: _Converter, first: tuple[int, list[str]], reader: Any, line: int,
+             text: io.TextIOWrapper, source: str, size: int, keep_rejected: bool) -> Iterator[Batch]:
+    tell = text.buffer.tell
+    try:
+        if not converter.layout.has_header:
+            item = converter.row(*first)
+            if item is not None:
+                is_rejected = item.__class__ is Rejected
+                yield Batch([] if is_rejected else [item], [item] if is_rejected and keep_rejected else [],  # type: ignore[list-item]
+                            int(is_rejected), tell())
+        yield from converter.batches(reader, line, tell, size, keep_rejected)
     except UnicodeDecodeError as exc:
-        raise ImportFileError(f"{source}: not valid {layout.encoding} after line {line}: "
-                              f"{exc.reason} (use --encoding)") from None
+        raise ImportFileError(f"{source}: not valid {converter.layout.encoding} after line "
+                              f"{reader.line_num}: {exc.reason} (use --encoding)") from None
     except csv.Error as exc:
-        raise ImportFileError(f"{source}: line {line}: {exc}") from None
+        raise ImportFileError(f"{source}: line {reader.line_num}: {exc}") from None
+    finally:
+        if not text.buffer.closed:
+            text.detach()  # the caller owns (and closes) the byte stream underneath
+
+
+def open_rows(stream: BinaryIO, source: str, options: Options = Options()
+              ) -> tuple[Layout, Iterator[Subscriber | Rejected]]:
+    """Like `open_batches`, one `Subscriber` or `Rejected` at a time, in file order."""
+    layout, batches = open_batches(stream, source, options)
+
+    def records() -> Iterator[Subscriber | Rejected]:
+        for batch in batches:
+            subscribers = [Subscriber(line, email, key, domain, name, json.loads(attributes))
+                           for line, email, key, domain, name, attributes, _ in batch.rows]
+            yield from sorted([*subscribers, *batch.rejected], key=lambda record: record.line)
+
+    return layout, records()
 
 
 def read_records(stream: BinaryIO, layout: Layout) -> Iterator[tuple[int, list[str]]]:
     """Every (line number, raw row) of a file whose layout is known, blank rows included."""
     stream.seek(0)
     text = io.TextIOWrapper(stream, encoding=layout.encoding, errors="replace", newline="")
-    return _records(text, layout.delimiter)
+    try:
+        yield from _records(text, layout.delimiter)
+    finally:
+        if not text.buffer.closed:
+            text.detach()

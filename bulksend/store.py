@@ -6,7 +6,6 @@ dataclasses; nothing here knows about files, the CLI or the clock.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -247,27 +246,23 @@ def end_import(connection: Connection) -> None:
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")  # constant names
 
 
-# One encoder for all rows: json.dumps() with options builds a new encoder on every call.
-_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-StagedRow = tuple[int, str, str, str, str, dict[str, str]]  # line, email, key, domain, name, attrs
+# line, email as given, email_key, ascii domain, name, attributes JSON, created/updated time
+StagedRow = tuple[int, str, str, str, str, str, float]
 
 
 def stage_rows(connection: Connection, rows: Sequence[StagedRow]) -> None:
     """Append valid rows to the staging table, by the fastest path each driver offers."""
-    values = [(line, email, key, domain, name, _to_json(attrs))
-              for line, email, key, domain, name, attrs in rows]
     if connection.dialect.name == "postgresql":
         cursor = connection.connection.driver_connection.cursor()
         with cursor.copy("COPY import_staging (line, email, email_key, domain, name, attributes)"
                          " FROM STDIN") as copy:
-            for value in values:
-                copy.write_row(value)
+            for row in rows:
+                copy.write_row(row[:6])
         return
     connection.exec_driver_sql(
         "INSERT INTO import_staging (line, email, email_key, domain, name, attributes) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        values,
+        [row[:6] for row in rows],
     )
 
 

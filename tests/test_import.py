@@ -462,6 +462,43 @@ def test_dry_run_reports_the_real_counts_and_writes_nothing(
     assert import_json(bulksend, path, "--list", "news") == expected
 
 
+def test_large_file_with_repeats_across_batches_counts_every_row_once(
+        bulksend: Bulksend, tmp_path: Path) -> None:
+    import_json(bulksend, write(tmp_path / "old.csv", b"email,name\r\nold1@example.com,Old\r\n"),
+                "--list", "news")
+    import_json(bulksend, write(tmp_path / "other.csv", b"email\r\nold2@example.com\r\n"),
+                "--list", "other")
+    assert bulksend("suppress", "add", "sup@example.com").code == 0
+    count = 3 * subscribers.BATCH  # several batches, and parsed in a second process
+    rows = ["email,name,city", *(f"user{i}@example.com,User {i},C{i}" for i in range(count))]
+    specials = ["OLD1@example.com,Old One,Oslo", "old2@example.com,Two,",
+                "USER5@EXAMPLE.COM,Again,X", "old1@example.com,Later,Y", "sup@example.com,Sup,Z",
+                "broken,X,Y"]
+    for position, special in zip((6000, 7000, 11000, 12000, 13000, 14000), specials):
+        rows.insert(position, special)
+    path = write(tmp_path / "big.csv", ("\r\n".join(rows) + "\r\n").encode())
+    assert path.stat().st_size > importer.SAMPLE_BYTES
+    line = {special: rows.index(special) + 1 for special in specials}
+    rejects = tmp_path / "rejects.csv"
+
+    assert import_json(bulksend, path, "--list", "news", "--rejects", rejects) == report(
+        rows=count + 6, imported=count + 1, updated=1, duplicates=2, suppressed=1, invalid=1,
+        rejects_file=str(rejects))
+    assert [row[:2] for row in read_rejects(rejects)[1:]] == [
+        [str(line["USER5@EXAMPLE.COM,Again,X"]), "duplicate of line 7"],
+        [str(line["old1@example.com,Later,Y"]), f"duplicate of line {line[specials[0]]}"],
+        [str(line["broken,X,Y"]), "invalid address 'broken': An email address must have an @-sign."],
+    ]
+    old1 = show(bulksend, "old1@example.com")
+    assert (old1["name"], old1["attributes"], old1["lists"]) == (
+        "Old One", {"city": "Oslo"}, {"news": "subscribed"})
+    assert show(bulksend, "old2@example.com")["lists"] == {"news": "subscribed", "other": "subscribed"}
+    assert show(bulksend, "user5@example.com")["name"] == "User 5"
+    assert show(bulksend, "sup@example.com")["lists"] == {"news": "unsubscribed"}
+    assert lists(bulksend)[0] == {"name": "news", "subscribed": count + 2, "unsubscribed": 0,
+                                  "suppressed": 1}
+
+
 def test_interrupted_import_leaves_the_store_as_it_was(
         bulksend: Bulksend, engine: sa.Engine, tmp_path: Path) -> None:
     import_json(bulksend, write(tmp_path / "old.csv", b"email\r\nuser7@example.com\r\n"),
