@@ -18,7 +18,9 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Connection, Engine
 
-from bulksend import db, dkim, importer, messages, render, store, store_campaigns
+from bulksend import (
+    db, dkim, domains, importer, messages, render, store, store_campaigns, store_domains,
+)
 from bulksend.config import DkimKey, SenderConfig
 from bulksend.errors import AddressError, ConfigError, NotFound, StateError, TemplateError
 from bulksend.store_campaigns import CampaignRow
@@ -63,6 +65,7 @@ class Started:
     suppressed: int
     send_at: float | None
     dkim_domain: str | None
+    domain_check: domains.Report | None = None  # with --check-domains
 
 
 def parse_when(text: str, timezone: ZoneInfo) -> float:
@@ -150,18 +153,25 @@ def _dkim_gate(campaign: CampaignRow, sender: SenderConfig, keys: tuple[DkimKey,
 
 
 def start(engine: Engine, name: str, launch: Launch, *, now: float, at: float | None = None,
-          no_dkim: bool = False) -> Started:
-    """Check every launch gate, then queue one delivery per recipient."""
+          no_dkim: bool = False, check_domains: domains.Check | None = None) -> Started:
+    """Check every launch gate, then queue one delivery per recipient.
+
+    With `check_domains`, the audience's domains are looked up first (outside any
+    transaction); dead ones are suppressed in the same transaction that queues, so their
+    deliveries are `suppressed` and a failed gate leaves no suppression behind.
+    """
     if launch.sender is None:
         raise ConfigError("bulksend.toml: [sender] is missing: it says who the mail is from "
                           "and where unsubscribes go")
     if launch.secret is None:
         raise ConfigError(f"[sender] secret_env: environment variable {launch.sender.secret_env} "
                           "is not set (it signs unsubscribe links and bounce addresses)")
+    report = None
+    if check_domains is not None:
+        report = _check_audience(engine, name, check_domains, launch.sender, launch.dkim_keys,
+                                 no_dkim)
     with db.transaction(engine) as connection:
-        campaign = store_campaigns.campaign(connection, name, lock=True)
-        if campaign.status not in STARTABLE:
-            raise StateError(f"campaign {name!r} is {campaign.status}: only a draft can be started")
+        campaign = _startable(connection, name, lock=True)
         campaign = _refresh_attributes(connection, campaign, now)
         templates = _compile(campaign.subject, campaign.html_template, campaign.text_template,
                              campaign.settings)
@@ -173,6 +183,8 @@ def start(engine: Engine, name: str, launch: Launch, *, now: float, at: float | 
         send_at = at if at is not None else campaign.send_at
         due = max(send_at or now, now)
         list_ids = [store.list_id(connection, list_name) for list_name in campaign.lists]
+        if report is not None:
+            store.add_suppressions(connection, domains.suppressions(report, now, campaign.id))
         queued, suppressed = store_campaigns.queue_deliveries(connection, campaign.id, list_ids,
                                                               due, now)
         if queued == 0:
@@ -183,7 +195,28 @@ def start(engine: Engine, name: str, launch: Launch, *, now: float, at: float | 
         status = "scheduled" if send_at is not None and send_at > now else "running"
         store_campaigns.update_campaign(connection, campaign.id, status=status, send_at=send_at,
                                         no_dkim=no_dkim, started_at=now, updated_at=now)
-    return Started(status, queued, suppressed, send_at, key.domain if key else None)
+    return Started(status, queued, suppressed, send_at, key.domain if key else None, report)
+
+
+def _startable(connection: Connection, name: str, *, lock: bool = False) -> CampaignRow:
+    campaign = store_campaigns.campaign(connection, name, lock=lock)
+    if campaign.status not in STARTABLE:
+        raise StateError(f"campaign {name!r} is {campaign.status}: only a draft can be started")
+    return campaign
+
+
+def _check_audience(engine: Engine, name: str, check: domains.Check, sender: SenderConfig,
+                    keys: tuple[DkimKey, ...], no_dkim: bool) -> domains.Report:
+    """Look up the domains of a startable campaign's audience (no transaction held meanwhile).
+
+    The DKIM gate is passed first: a missing key should not cost a long DNS check.
+    """
+    with db.reading(engine) as connection:
+        campaign = _startable(connection, name)
+        _dkim_gate(campaign, sender, keys, no_dkim)
+        list_ids = [store.list_id(connection, list_name) for list_name in campaign.lists]
+        wanted = store_domains.audience_domains(connection, list_ids)
+    return check(wanted)
 
 
 def _refresh_attributes(connection: Connection, campaign: CampaignRow, now: float) -> CampaignRow:

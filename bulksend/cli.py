@@ -24,8 +24,8 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from bulksend import (
-    __version__, accounts, campaigns, config, db, dkim, importer, progress, sender, smtp,
-    store_campaigns, subscribers, suppression,
+    __version__, accounts, campaigns, config, db, dkim, domains, importer, progress, sender, smtp,
+    store_campaigns, subscribers, suppression, tokens,
 )
 from bulksend.config_example import EXAMPLE_CONFIG
 from bulksend.errors import BulksendError, ConfigError
@@ -50,6 +50,8 @@ accounts_app = typer.Typer(invoke_without_command=True, help="The SMTP accounts:
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(dkim_app, name="dkim")
+bounces_app = typer.Typer(no_args_is_help=True, help="Bounces, complaints and mailto unsubscribes.")
+app.add_typer(bounces_app, name="bounces")
 
 # markup and emoji off: list names, file names and addresses are data, printed as they are.
 out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
@@ -63,6 +65,8 @@ class OnExisting(str, enum.Enum):
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CheckDomainsOption = Annotated[bool, typer.Option(
+    "--check-domains", help="Look up every domain's MX (else A/AAAA) first; suppress dead ones.")]
 
 
 def _version(value: bool) -> None:
@@ -173,20 +177,24 @@ def import_(
         help="What to do with addresses already on the list.")] = OnExisting.update,
     rejects: Annotated[Optional[Path], typer.Option(help="Write rejected rows (line, reason, row) here.")] = None,  # noqa: UP007,E501
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would happen; write nothing.")] = False,
+    check_domains: CheckDomainsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Import subscribers from a CSV file into a list, all or nothing."""
     if delimiter == "\\t" or (delimiter or "").lower() == "tab":
         delimiter = "\t"
     options = importer.Options(encoding=encoding, delimiter=delimiter, email_column=email_column)
+    check = domains.checker(_config(ctx).dns) if check_domains else None
     with _store(ctx) as engine, _progress(file, quiet=as_json) as progress:
         report = subscribers.import_file(
             engine, file, list_name, now=time.time(), options=options, on_existing=on_existing.value,
-            rejects=rejects, dry_run=dry_run, progress=progress,
+            rejects=rejects, dry_run=dry_run, progress=progress, check_domains=check,
         )
     if as_json:
         _print_json(report.as_json())
         return
+    if report.domain_check is not None:
+        out.print(domains.summary(report.domain_check))
     verb = "would import" if dry_run else "imported"
     out.print(
         f"{file}: {report.rows} rows ({report.encoding}, delimiter {report.delimiter!r}) → list "
@@ -320,6 +328,68 @@ def suppress_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     out.print(table if rows else "the suppression list is empty")
 
 
+# --- bounces --------------------------------------------------------------------------------
+
+
+def _bounce_secret(settings: config.Config) -> bytes | None:
+    """The token secret that ties bounces to deliveries (None without [sender])."""
+    if settings.sender is None:
+        return None
+    secret = config.resolve_secret(settings.sender.secret_env, os.environ,
+                                   "[sender] secret_env").encode("utf-8")
+    if len(secret) < tokens.MIN_SECRET_BYTES:  # else every token would fail to read
+        raise ConfigError(f"[sender] secret_env {settings.sender.secret_env}: the secret must be "
+                          f"at least {tokens.MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+def _print_bounces(result: Any, where: str, as_json: bool) -> None:
+    counts = result.counts.to_json()
+    if as_json:
+        _print_json(counts)
+        return
+    for key, reason in result.quarantined:
+        err.print(f"quarantined {key}: {reason}")
+    out.print(f"{where}: {counts['messages']} messages: hard {counts['hard']}, soft "
+              f"{counts['soft']}, complaints {counts['complaints']}, unsubscribes "
+              f"{counts['unsubscribes']}, ignored {counts['ignored']}, quarantined "
+              f"{counts['quarantined']}; {counts['suppressed']} addresses suppressed"
+              + ("; time limit reached, the rest next run" if result.stopped_early else ""))
+
+
+@bounces_app.command("fetch")
+def bounces_fetch(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Process the [bounces] mailbox: record, suppress, then delete what was done (for cron)."""
+    from bulksend import bounce_fetch, mailbox  # the parser and mail clients load only here
+
+    settings = _config(ctx)
+    if settings.bounces is None:
+        raise ConfigError(f"{settings.source}: [bounces] is missing: it names the mailbox to read")
+    password = config.resolve_secret(settings.bounces.password_env, os.environ,
+                                     "[bounces] password_env")
+    secret = _bounce_secret(settings)
+    with _store(ctx) as engine:
+        result = bounce_fetch.fetch(engine, settings.bounces, password, secret=secret)
+    _print_bounces(result, mailbox.label(settings.bounces), as_json)
+
+
+@bounces_app.command("import")
+def bounces_import(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="mbox files, maildirs, directories of .eml/.txt, or messages.")],  # noqa: E501
+    as_json: JsonOption = False,
+) -> None:
+    """Process bounce mail saved as files (nothing is deleted; re-importing counts nothing twice)."""
+    from bulksend import bounce_fetch
+
+    settings = _config(ctx)
+    secret = _bounce_secret(settings)
+    with _store(ctx) as engine:
+        result = bounce_fetch.import_files(engine, paths, secret=secret,
+                                           policy=suppression.BouncePolicy.from_config(settings.bounces))
+    _print_bounces(result, ", ".join(map(str, paths)), as_json)
+
+
 # --- campaigns ----------------------------------------------------------------------------------
 
 
@@ -399,19 +469,26 @@ def campaign_start(
     ctx: typer.Context, name: str,
     at: Annotated[Optional[str], typer.Option(help="Start sending at this ISO time.")] = None,  # noqa: UP007
     no_dkim: Annotated[bool, typer.Option("--no-dkim", help="Send without a DKIM signature (recorded).")] = False,
+    check_domains: CheckDomainsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check the launch gates and queue one delivery per recipient."""
     settings = _config(ctx)
     when = campaigns.parse_when(at, settings.timezone) if at else None
+    check = domains.checker(settings.dns) if check_domains else None
     with _store(ctx) as engine:
         started = campaigns.start(engine, name, _launch(settings), now=time.time(), at=when,
-                                  no_dkim=no_dkim)
+                                  no_dkim=no_dkim, check_domains=check)
     if as_json:
+        checked = started.domain_check
+        extra = ({"domains_checked": checked.checked, "dead_domains": len(checked.dead)}
+                 if checked else {})
         _print_json({"name": name, "status": started.status, "queued": started.queued,
                      "suppressed": started.suppressed, "send_at": started.send_at,
-                     "dkim_domain": started.dkim_domain})
+                     "dkim_domain": started.dkim_domain, **extra})
         return
+    if started.domain_check is not None:
+        out.print(domains.summary(started.domain_check))
     when_text = f" from {_iso(started.send_at)}" if started.status == "scheduled" and started.send_at else ""
     signing = f"signed d={started.dkim_domain}" if started.dkim_domain else "NOT DKIM-signed (--no-dkim)"
     out.print(f"campaign {name!r} {started.status}{when_text}: {started.queued} queued, "
@@ -599,6 +676,35 @@ def plan(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
         out.print(f"  {account}: {'no limit' if left is None else left} more today")
     for account in data["disabled"]:
         out.print(f"  {account}: disabled (bulksend accounts enable {account})")
+
+
+def _raise_exit(*_: object) -> NoReturn:
+    raise SystemExit(0)
+
+
+@app.command("serve")
+def serve(
+    ctx: typer.Context,
+    listen: Annotated[Optional[str], typer.Option(help="HOST:PORT to listen on; default [server] listen.")] = None,  # noqa: UP007,E501
+) -> None:
+    """Serve the unsubscribe pages (GET/POST /u/TOKEN, one-click) and /healthz."""
+    from bulksend import web  # the web server is only needed here
+
+    settings = _config(ctx)
+    try:
+        host, port = config.parse_listen(listen) if listen else (settings.server.host,
+                                                                  settings.server.port)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--listen") from None
+    secret = web.read_secret(settings, os.environ)
+    with _store(ctx) as engine:
+        app = web.UnsubscribeApp(engine, secret, prefixes=web.prefixes(settings))
+        previous = signal.signal(signal.SIGTERM, _raise_exit)  # waitress stops on SystemExit
+        try:
+            web.serve(app, host, port,
+                      ready=lambda url: err.print(f"bulksend serve: listening on {url}"))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @app.command("demo")

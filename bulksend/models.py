@@ -50,8 +50,9 @@ DELIVERY_STATES = (
 )
 TERMINAL_DELIVERY_STATES = ("sent", "failed", "expired", "suppressed", "unknown", "cancelled")
 ACCOUNT_STATES = ("active", "cooldown", "disabled", "exhausted")
-BOUNCE_KINDS = ("hard", "soft", "complaint", "unsubscribe", "block", "autoreply", "unknown")
-BOUNCE_SOURCES = ("dsn", "arf", "smtp", "mailto", "manual")
+BOUNCE_KINDS = ("hard", "soft", "complaint", "unsubscribe", "block", "autoreply", "unknown",
+                "delayed")
+BOUNCE_SOURCES = ("dsn", "arf", "smtp", "mailto", "web", "manual")
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite aliases only INTEGER to rowid
 
@@ -205,6 +206,8 @@ account_state = Table(
     Column("blocked", BigInteger, nullable=False, server_default="0"),  # 5.7.x replies
     Column("last_error", Text),
     Column("updated_at", Double, nullable=False),
+    # The block-rate guard counts mail handed over since then (set when it disables).
+    Column("guard_since", Double),
     _one_of("state", ACCOUNT_STATES, "state"),
 )
 
@@ -227,6 +230,8 @@ bounce_events = Table(
     _one_of("source", BOUNCE_SOURCES, "source"),
     Index(None, "campaign_id", "kind"),
     Index(None, "email_key", "kind", "created_at"),
+    # Guards count events per delivery; deleting deliveries sets this column to NULL.
+    Index(None, "delivery_id"),
 )
 
 # POP3 has no flags: the UIDLs already processed are remembered here.

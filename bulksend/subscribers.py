@@ -18,10 +18,10 @@ from typing import IO, Any, BinaryIO
 
 from sqlalchemy.engine import Engine
 
-from bulksend import db, importer, store
+from bulksend import db, domains, importer, prefetch, store, store_sqlite_import
 from bulksend.errors import BulksendError, ImportFileError
 
-BATCH = 5_000
+BATCH = 2_000  # rows per batch: 2,000 measured ~10% faster than 5,000 (CPU caches, pipe)
 ON_EXISTING = ("update", "skip")
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -44,37 +44,51 @@ class ImportReport:
     encoding: str
     delimiter: str
     dry_run: bool
+    domain_check: domains.Report | None = None  # with --check-domains
 
     def as_json(self) -> dict[str, Any]:
         """The `import --json` object (DESIGN §9 fields first)."""
-        return asdict(self)
+        data = asdict(self)
+        del data["domain_check"]
+        if self.domain_check is not None:
+            data.update(domains_checked=self.domain_check.checked,
+                        dead_domains=len(self.domain_check.dead))
+        return data
 
 
 def import_file(engine: Engine, path: Path, list_name: str, *, now: float,
                 options: importer.Options = importer.Options(), on_existing: str = "update",
                 rejects: Path | None = None, dry_run: bool = False,
-                progress: Progress | None = None) -> ImportReport:
-    """Import a subscriber file into list `list_name` (created if needed)."""
+                progress: Progress | None = None,
+                check_domains: domains.Check | None = None) -> ImportReport:
+    """Import a subscriber file into list `list_name` (created if needed).
+
+    With `check_domains`, the file's domains are looked up first, in a reading pass with
+    nothing of the store open; dead ones are suppressed in the import's transaction, so
+    their addresses count as `suppressed`.
+    """
     if on_existing not in ON_EXISTING:
         raise ImportFileError(f"--on-existing must be one of {', '.join(ON_EXISTING)}")
     if rejects is not None and _same_file(rejects, path):
         raise ImportFileError(f"{rejects}: the rejects file would overwrite the input")
+    checked = _check_file(path, options, check_domains) if check_domains else None
     with _open_input(path) as stream, contextlib.ExitStack() as stack:
-        layout, rows = importer.open_rows(stream, str(path), options)
+        layout, batches = importer.open_batches(stream, str(path), options, size=BATCH,
+                                                keep_rejected=rejects is not None, stamp=now)
         size = os.fstat(stream.fileno()).st_size
         # The rejects file is created before anything is written and renamed into place
         # only after the commit: an unwritable path fails the import, never half of it.
         out = stack.enter_context(atomic_text(rejects)) if rejects is not None else None
+        if size > importer.SAMPLE_BYTES:  # parse in a second process while this one writes
+            batches = stack.enter_context(prefetch.in_child(batches))
+        dead = domains.suppressions(checked, now) if checked is not None else []
         with db.transaction(engine, rollback=dry_run, immediate=False) as connection:
-            store.begin_import(connection)
-            invalid = _stage(connection, rows, out is not None,
-                             lambda: _report(progress, stream, size))
-            target = store.ensure_list(connection, list_name, now)
-            merged = store.finish_import(connection, target, on_existing, now)
+            load = _load_direct if connection.dialect.name == "sqlite" else _load_staged
+            merged, invalid, duplicates = load(
+                connection, batches, list_name, on_existing, now, dead,
+                keep_rejected=out is not None, tick=_ticker(progress, size))
             if out is not None:
-                duplicates = store.duplicate_lines(connection) if merged.duplicates else {}
                 _write_rejects(out, path, layout, invalid, duplicates)
-            store.end_import(connection)
     return ImportReport(
         rows=merged.imported + merged.updated + merged.skipped + merged.duplicates
         + invalid.count + merged.suppressed,
@@ -82,7 +96,16 @@ def import_file(engine: Engine, path: Path, list_name: str, *, now: float,
         duplicates=merged.duplicates, invalid=invalid.count, suppressed=merged.suppressed,
         rejects_file=str(rejects) if rejects is not None else None, still_unsubscribed=merged.still_unsubscribed,
         encoding=layout.encoding, delimiter=layout.delimiter, dry_run=dry_run,
+        domain_check=checked,
     )
+
+
+def _check_file(path: Path, options: importer.Options, check: domains.Check) -> domains.Report:
+    """Look up the domains of the file's valid addresses (no transaction is open meanwhile)."""
+    with _open_input(path) as stream:
+        _, rows = importer.open_rows(stream, str(path), options)
+        wanted = {row.domain for row in rows if isinstance(row, importer.Subscriber)}
+    return check(sorted(wanted))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -103,9 +126,10 @@ def _open_input(path: Path) -> BinaryIO:
         raise ImportFileError(f"{path}: permission denied") from None
 
 
-def _report(progress: Progress | None, stream: BinaryIO, size: int) -> None:
-    if progress is not None:
-        progress(stream.tell(), size)
+def _ticker(progress: Progress | None, size: int) -> Callable[[int], None]:
+    if progress is None:
+        return lambda done: None
+    return lambda done: progress(done, size)
 
 
 @dataclass
@@ -114,25 +138,49 @@ class _Invalid:
     rejected: list[importer.Rejected]
 
 
-def _stage(connection: Any, rows: Iterator[importer.Subscriber | importer.Rejected],
-           keep_rejected: bool, tick: Callable[[], None]) -> _Invalid:
+Loaded = tuple[store.MergeCounts, _Invalid, dict[int, int]]  # counts, rejects, duplicate lines
+
+
+def _load_direct(connection: Any, batches: Iterator[importer.Batch], list_name: str,
+                 on_existing: str, now: float, dead: list[dict[str, Any]], *,
+                 keep_rejected: bool, tick: Callable[[int], None]) -> Loaded:
+    """SQLite: rows go straight into the store's tables (see store_sqlite_import)."""
+    store.add_suppressions(connection, dead)
+    target = store.ensure_list(connection, list_name, now)  # takes the write lock first
+    load = store_sqlite_import.DirectImport(connection, target, now, keep_first_lines=keep_rejected)
+    try:
+        invalid = _feed(batches, load.add, tick)
+        merged = load.finish(on_existing)
+        duplicates = load.duplicate_lines() if keep_rejected and merged.duplicates else {}
+    finally:
+        load.close()
+    store_sqlite_import.end(connection)
+    return merged, invalid, duplicates
+
+
+def _load_staged(connection: Any, batches: Iterator[importer.Batch], list_name: str,
+                 on_existing: str, now: float, dead: list[dict[str, Any]], *,
+                 keep_rejected: bool, tick: Callable[[int], None]) -> Loaded:
+    """PostgreSQL: rows are copied into a staging table, then merged set-based."""
+    store.begin_import(connection)
+    invalid = _feed(batches, lambda rows: store.stage_rows(connection, rows), tick)
+    store.add_suppressions(connection, dead)
+    target = store.ensure_list(connection, list_name, now)
+    merged = store.finish_import(connection, target, on_existing, now)
+    duplicates = store.duplicate_lines(connection) if keep_rejected and merged.duplicates else {}
+    store.end_import(connection)
+    return merged, invalid, duplicates
+
+
+def _feed(batches: Iterator[importer.Batch], add: Callable[[list[store.StagedRow]], None],
+          tick: Callable[[int], None]) -> _Invalid:
     invalid = _Invalid(0, [])
-    batch: list[store.StagedRow] = []
-    for record in rows:
-        if isinstance(record, importer.Rejected):
-            invalid.count += 1
-            if keep_rejected:
-                invalid.rejected.append(record)
-            continue
-        batch.append((record.line, record.email, record.email_key, record.domain,
-                      record.name, record.attributes))
-        if len(batch) >= BATCH:
-            store.stage_rows(connection, batch)
-            batch.clear()
-            tick()
-    if batch:
-        store.stage_rows(connection, batch)
-    tick()
+    for batch in batches:
+        if batch.rows:
+            add(batch.rows)
+        invalid.count += batch.invalid
+        invalid.rejected += batch.rejected
+        tick(batch.position)
     return invalid
 
 
