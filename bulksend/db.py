@@ -19,6 +19,10 @@ from sqlalchemy.engine import Connection, Engine
 from bulksend.errors import StoreError
 
 BUSY_TIMEOUT_MS = 10_000
+# Connections held at once: the sender's lanes (one per SMTP session) read the suppression
+# list, its writer keeps one, the main thread claims. Opened only when needed.
+SQLITE_POOL = {"pool_size": 25, "max_overflow": 15}
+POSTGRES_POOL = {"pool_size": 10, "max_overflow": 25}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -49,12 +53,13 @@ def create_engine(url: str) -> Engine:
     except sa.exc.ArgumentError as exc:
         raise StoreError(f"database URL {url!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed)
+        in_memory = parsed.database in (None, "", ":memory:")  # a single-connection pool there
+        engine = sa.create_engine(parsed, **({} if in_memory else SQLITE_POOL))
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        return sa.create_engine(parsed, pool_pre_ping=True, **POSTGRES_POOL)
     raise StoreError(f"database URL {display_url(parsed)}: only sqlite and postgresql are supported")
 
 
@@ -77,6 +82,27 @@ def transaction(engine: Engine, *, rollback: bool = False, immediate: bool = Tru
                     tx.rollback()
     except sa.exc.OperationalError as exc:
         raise StoreError(f"database {display_url(engine.url)}: {_reason(exc)}") from exc
+
+
+def connect_writer(engine: Engine) -> Connection:
+    """A connection for a long-lived writer (see `transaction_on`); the caller closes it."""
+    try:
+        connection = engine.connect()
+    except sa.exc.OperationalError as exc:
+        raise StoreError(f"database {display_url(engine.url)}: {_reason(exc)}") from exc
+    if engine.dialect.name == "sqlite":
+        connection.execution_options(sqlite_begin="IMMEDIATE")
+    return connection
+
+
+@contextmanager
+def transaction_on(connection: Connection) -> Iterator[Connection]:
+    """A write transaction on a connection the caller keeps open: no pool round trip."""
+    try:
+        with connection.begin():
+            yield connection
+    except sa.exc.OperationalError as exc:
+        raise StoreError(f"database {display_url(connection.engine.url)}: {_reason(exc)}") from exc
 
 
 @contextmanager

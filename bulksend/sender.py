@@ -1,12 +1,22 @@
 """The send loop: claim deliveries for accounts, send them over SMTP, record what happened.
 
-    claim (one serialised transaction)          send (no transaction held)
+    claim (one serialised transaction)          send (lanes: one per session, no transaction held)
     ├─ recover dead workers' leases             ├─ re-check suppression before RCPT
     ├─ accounts' state and quota ledger         ├─ render + sign the message
     ├─ due deliveries of running campaigns      ├─ MAIL, RCPT, DATA, body
-    ├─ rotation picks an account each           ├─ commit `sending` if the lease holds
-    └─ lease + reservation per delivery         ├─ final dot (else: drop, no dot)
-                                                 └─ commit the result (DESIGN §6)
+    ├─ rotation picks an account each           ├─ commit `sending` if the lease holds ◄─┐
+    └─ lease + reservation per delivery         ├─ final dot (else: drop, no dot)        │
+                                                 └─ queue the result (DESIGN §6) ────────┤
+                                                    the recorder's writer thread commits ┘
+                                                    what all lanes queued, one transaction
+                                                    per round (`bulksend.recorder`)
+
+Right before each message a lane re-checks, for the next SUPPRESSION_CHUNK messages at once
+(read again when that read is older than SUPPRESSION_MAX_AGE seconds), the suppression list
+and whether the claim still stands: an address suppressed, or a campaign paused or
+cancelled, more than that long before the message's turn is not sent; a claim given up
+that way goes back to the queue. (The lease-conditioned `sending` commit before the dot
+still fences off any claim lost later.)
 
 Side effects come in as parameters: the SMTP session factory, the clock and `sleep`, so the
 loop runs against fakes in unit tests and real loopback servers in integration tests.
@@ -27,15 +37,20 @@ from zoneinfo import ZoneInfo
 import tenacity
 from sqlalchemy.engine import Engine
 
-from bulksend import db, limits, messages, rotation, store_campaigns, store_deliveries
+from bulksend import db, limits, messages, rotation, store_campaigns, store_deliveries, store_sending
 from bulksend.campaigns import campaign_signer
 from bulksend.config import AccountConfig, DeliveryConfig, DkimKey, SenderConfig
 from bulksend.outcomes import Action, plan_for
+from bulksend.recorder import Recorder, Result
 from bulksend.smtp import AccountError
 
 Clock = Callable[[], float]
-IDLE_POLL = 5.0
-MAX_RETRY_WAIT = 4000.0  # DESIGN §4: retry_after doubles up to this  # a daemon with nothing to do looks again this often
+IDLE_POLL = 5.0  # a daemon with nothing to do looks again this often
+MAX_RETRY_WAIT = 4000.0  # DESIGN §4: retry_after doubles up to this
+BATCH_PER_LANE = 200  # a claim takes up to this many deliveries per session that can work at once
+LANE_RATE = 10  # messages per second a lane surely manages: a batch fits well within its lease
+SUPPRESSION_CHUNK = 64  # addresses a lane checks against the suppression list in one read
+SUPPRESSION_MAX_AGE = 1.0  # seconds a lane trusts that read
 
 
 class Session(Protocol):
@@ -114,7 +129,7 @@ class CrashPoints:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A delivery this worker holds, with its account."""
+    """A delivery this worker holds, with its account and what its message needs."""
 
     id: int
     campaign_id: int
@@ -122,6 +137,11 @@ class Claimed:
     email_key: str
     account: str
     lease_expires_at: float
+    attempt_id: int  # its reservation in the quota ledger
+    attempts: int
+    created_at: float
+    name: str
+    attributes: dict[str, Any]
 
 
 class Sender:
@@ -129,14 +149,18 @@ class Sender:
 
     def __init__(self, engine: Engine, settings: Settings, sessions: SessionFactory, *,
                  clock: Clock, sleep: Callable[[float], None], crash: CrashPoints | None = None,
-                 batch: int = 100, campaign: str | None = None) -> None:
+                 batch: int | None = None, campaign: str | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.sessions = sessions
         self.clock = clock
         self.sleep = sleep
         self.crash = crash or CrashPoints(None)
-        self.batch = batch
+        # Big batches: every claim is a serialised transaction and every batch ends waiting
+        # for its slowest lane. Small enough to be sent well within the lease.
+        lanes = sum(account.connections for account in settings.accounts)
+        per_lane = min(BATCH_PER_LANE, int(settings.delivery.lease * LANE_RATE))
+        self.batch = batch or max(100, per_lane * lanes)
         self.campaign_name = campaign
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
         self.token = uuid.uuid4().hex  # the lease token of everything this worker claims
@@ -147,6 +171,7 @@ class Sender:
         self._factories: dict[tuple[int, bool], messages.MessageFactory] = {}
         self._lock = threading.Lock()
         self._campaign_id: int | None = None
+        self._recorder: Recorder | None = None
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -174,6 +199,8 @@ class Sender:
         return self.report
 
     def _prepare(self) -> None:
+        self._recorder = Recorder(self.engine, self.token, self.settings.delivery.lease,
+                                  self.clock, self._recorded)
         with db.transaction(self.engine) as connection:
             store_deliveries.ensure_accounts(connection, list(self._accounts), self.clock())
             if self.campaign_name is not None:
@@ -185,6 +212,8 @@ class Sender:
         return None if once else IDLE_POLL
 
     def _shutdown(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
         with db.transaction(self.engine) as connection:
             store_deliveries.release_claims(connection, self.token, self.clock())
         for pool in self._pools.values():
@@ -212,11 +241,15 @@ class Sender:
             room = {name: left for name, left in capacity.items() if left is not None}
             chosen, positions = rotation.picks(slots, list(capacity), len(due), room=room)
             expires = now + self.settings.delivery.lease
-            assigned = [Claimed(item.id, item.campaign_id, item.email, item.email_key, name, expires)
-                        for item, name in zip(due, chosen)]
             store_deliveries.save_positions(connection, positions, now)
-            store_deliveries.claim(connection, [(c.id, c.account) for c in assigned], self.owner,
-                                   self.token, now, self.settings.delivery.lease)
+            reserved = store_deliveries.claim(connection, [(item.id, name) for item, name
+                                                           in zip(due, chosen)],
+                                              self.owner, self.token, now,
+                                              self.settings.delivery.lease)
+            assigned = [Claimed(item.id, item.campaign_id, item.email, item.email_key, name,
+                                expires, reserved[item.id], item.attempts, item.created_at,
+                                item.name, item.attributes)
+                        for item, name in zip(due, chosen)]
         self.crash.hit("after_claim")
         return assigned, ""
 
@@ -259,16 +292,23 @@ class Sender:
         lanes = [(name, items[i::self._accounts[name].connections])
                  for name, items in by_account.items()
                  for i in range(min(self._accounts[name].connections, len(items)))]
-        if len(lanes) == 1:
-            self._lane(*lanes[0])
-            return
-        with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-            for future in [pool.submit(self._lane, name, items) for name, items in lanes]:
-                future.result()
+        try:
+            if len(lanes) == 1:
+                self._lane(*lanes[0])
+            else:
+                with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+                    for future in [pool.submit(self._lane, name, items) for name, items in lanes]:
+                        future.result()
+        finally:
+            assert self._recorder is not None
+            self._recorder.flush()  # the next claim sees every result of this batch
 
     def _lane(self, account: str, items: list[Claimed]) -> None:
         """Send one account's share of a batch over one session, in order."""
+        assert self._recorder is not None
+        recorder = self._recorder
         session: Session | None = None
+        recheck = _Recheck(self.engine, self.clock, items, self.token)
         try:
             for index, item in enumerate(items):
                 if self.stop.is_set():
@@ -276,8 +316,14 @@ class Sender:
                 if self.clock() >= item.lease_expires_at:
                     # Past the lease (a slow batch, or this process was stopped): the dot
                     # would be fenced off anyway, so do not start the transaction at all.
-                    with db.transaction(self.engine) as connection:
-                        store_deliveries.requeue(connection, [item.id], self.token, self.clock())
+                    recorder.requeue([item.id])
+                    continue
+                verdict = recheck(index)
+                if verdict == "suppressed":
+                    self._finish(item, plan_for("suppressed"), None)
+                    continue
+                if verdict == "given up":  # paused, cancelled or unsubscribed meanwhile
+                    recorder.requeue([item.id])
                     continue
                 if session is None or not session.alive:
                     session = self._session(account, items[index:])
@@ -286,13 +332,11 @@ class Sender:
                 if self._send_one(session, item):
                     # The provider told us to stop (cooldown, quota, disabled): the rest of
                     # this lane goes back to the queue for the other accounts.
-                    with db.transaction(self.engine) as connection:
-                        store_deliveries.requeue(connection, [i.id for i in items[index + 1:]],
-                                                 self.token, self.clock())
+                    recorder.requeue([i.id for i in items[index + 1:]])
                     session.close()
                     session = None
                     return
-                if session.alive and session.sent >= self._accounts[account].messages_per_connection:
+                if session.sent >= self._accounts[account].messages_per_connection:
                     session.close()
                     session = None
         finally:
@@ -329,64 +373,63 @@ class Sender:
 
     def _send_one(self, session: Session, item: Claimed) -> bool:
         """Send one claimed delivery; True when its account must now rest."""
-        now = self.clock()
-        with db.reading(self.engine) as connection:
-            if store_deliveries.is_suppressed(connection, item.email_key):
-                suppressed = True
-            else:
-                suppressed = False
-                person = store_deliveries.recipient(connection, item.id)
-        if suppressed:
-            return self._record(item, plan_for("suppressed"), None)
         outgoing = self._factory(item.campaign_id, session.eight_bit).build(
-            item.id, person.email, person.name, person.attributes, now)
+            item.id, item.email, item.name, item.attributes, self.clock())
+        assert self._recorder is not None
+        recorder = self._recorder
 
         def before_dot() -> bool:
-            with db.transaction(self.engine) as connection:
-                holding = store_deliveries.mark_sending(connection, item.id, self.token,
-                                                        self.clock(), self.settings.delivery.lease)
+            holding = recorder.mark_sending(item.id)  # waits for the commit that carries it
             self.crash.hit("before_dot")
             return holding
 
         result = session.send(outgoing.envelope_from, outgoing.recipient, outgoing.data, before_dot)
         self.crash.hit("after_dot")
-        return self._record(item, plan_for(result.outcome), result)
+        return self._finish(item, plan_for(result.outcome), result)
 
     # --- results -----------------------------------------------------------------------------
 
-    def _record(self, item: Claimed, action: Action, result: Any) -> bool:
-        """Commit one result (DESIGN §6); True when the account now rests."""
+    def _finish(self, item: Claimed, action: Action, result: Any) -> bool:
+        """Queue one result (DESIGN §6) for the recorder; True when the account now rests.
+
+        Only a result that may make the account rest is waited for: the lane must know
+        before its next message.
+        """
         if action.state == "lease_lost":
             return False
         now = self.clock()
-        code = getattr(result, "code", None)
-        enhanced = getattr(result, "enhanced", None)
         text = getattr(result, "text", None)
-        reached = result is not None and result.reached_mail
-        with db.transaction(self.engine) as connection:
-            state, next_at = action.state, None
-            if state == "deferred":
-                row = store_deliveries.recipient(connection, item.id)
-                next_at, state = self._retry_at(row.attempts + 1, row.created_at, now)
-            unreached = action.release_if_no_mail and not reached
-            store_deliveries.finish(
-                connection, item.id, self.token, now, state=state, next_attempt_at=next_at,
-                count_attempt=action.count_attempt and not unreached, code=code,
-                enhanced=enhanced, text=text, release_reservation=unreached,
-            )
-            if state in ("sent", "failed", "expired", "suppressed", "unknown"):
-                store_deliveries.finish_campaigns(connection, [item.campaign_id], now)
-            rests = action.apply(connection, item, self.settings, now, text or "")
+        state, next_at = action.state, None
+        if state == "deferred":
+            next_at, state = self._retry_at(item.attempts + 1, item.created_at, now)
+        unreached = action.release_if_no_mail and not (result is not None and result.reached_mail)
+        outcome = store_sending.Outcome(
+            item.id, item.attempt_id, state, count_attempt=action.count_attempt and not unreached,
+            release_reservation=unreached, next_attempt_at=next_at,
+            code=getattr(result, "code", None), enhanced=getattr(result, "enhanced", None),
+            text=text)
+        settings = self.settings
+
+        def apply(connection: Any, when: float) -> bool:
+            return action.apply(connection, item, settings, when, text or "")
+
+        assert self._recorder is not None
+        queued = self._recorder.record(Result(outcome, item.account, item.campaign_id,
+                                              None if action.state == "sent" else apply))
+        return action.account is not None and bool(queued.wait())
+
+    def _recorded(self, result: Result) -> None:
+        """A result is committed (called by the recorder's writer)."""
         self.crash.hit("after_result")
+        state = result.outcome.state
         with self._lock:
             if state == "sent":
                 self.report.sent += 1
-                self.report.by_account[item.account] += 1
+                self.report.by_account[result.account] += 1
             elif state in ("failed", "deferred", "unknown", "suppressed"):
                 setattr(self.report, state, getattr(self.report, state) + 1)
             elif state == "expired":
                 self.report.failed += 1
-        return rests
 
     def _retry_at(self, attempt: int, queued_at: float, now: float) -> tuple[float | None, str]:
         """When a deferred delivery is tried again, or `expired` if it has waited too long."""
@@ -401,6 +444,38 @@ class Sender:
         with db.transaction(self.engine) as connection:
             store_deliveries.requeue(connection, [item.id for item in waiting], self.token, now)
             plan_for(error.outcome).apply(connection, waiting[0], self.settings, now, str(error))
+
+
+class _Recheck:
+    """A lane's look, right before each message, at the suppression list and at whether its
+    claim still stands: one read for the next SUPPRESSION_CHUNK messages, trusted for
+    SUPPRESSION_MAX_AGE seconds."""
+
+    def __init__(self, engine: Engine, clock: Clock, items: list[Claimed], token: str) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.items = items
+        self.token = token
+        self.until = 0  # the items before this index were looked up at `read_at`
+        self.read_at = 0.0
+        self.suppressed: set[str] = set()
+        self.held: set[int] = set()
+
+    def __call__(self, index: int) -> str:
+        """"send", "suppressed", or "given up" (the claim no longer stands) for items[index]."""
+        now = self.clock()
+        if index >= self.until or now - self.read_at > SUPPRESSION_MAX_AGE:
+            chunk = self.items[index:index + SUPPRESSION_CHUNK]
+            with db.reading(self.engine) as connection:
+                self.suppressed = store_sending.suppressed_keys(
+                    connection, [i.email_key for i in chunk])
+                self.held = store_sending.still_to_send(connection, [i.id for i in chunk],
+                                                        self.token)
+            self.until, self.read_at = index + len(chunk), now
+        item = self.items[index]
+        if item.id not in self.held:
+            return "given up"
+        return "suppressed" if item.email_key in self.suppressed else "send"
 
 
 def retry_delay(delivery: DeliveryConfig, attempt: int) -> float:

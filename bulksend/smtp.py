@@ -10,6 +10,11 @@ Built on smtplib, with the DATA phase done by hand so the final dot is a step of
     "." line ─► connection still up? ─► before_dot() ─► connection still up? ─► ".\\r\\n"
     (dot_sent = True) ─► reply
 
+When the server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write and
+their three replies are read in order: one round trip instead of three. A refused MAIL or
+RCPT still has the later replies read (a DATA accepted all the same gets the connection
+dropped: no dot) before the RSET.
+
 When can the server have the message? Only once it has read the whole terminating
 CRLF "." CRLF, which this module writes in one `sendall` after `before_dot()` returned
 True. Until that call returns nothing can be accepted (`dot_sent` False: REQUEUE or
@@ -77,6 +82,7 @@ class Capabilities:
 
     eightbitmime: bool = False
     smtputf8: bool = False
+    pipelining: bool = False
     size: int | None = None  # the advertised SIZE limit; None when none (or 0, unlimited)
     auth: frozenset[str] = frozenset()  # SASL mechanisms, upper case
 
@@ -173,6 +179,7 @@ class _Opener:
         size = features.get("size", "").strip()
         capabilities = Capabilities(
             eightbitmime="8bitmime" in features, smtputf8="smtputf8" in features,
+            pipelining="pipelining" in features,
             size=int(size) if size.isdigit() and int(size) > 0 else None,
             auth=frozenset(features.get("auth", "").upper().split()),
         )
@@ -319,8 +326,10 @@ class Session:
         if eight_bit and not self.capabilities.eightbitmime:
             raise ValueError(f"account {self.account.name}: the server does not offer 8BITMIME; "
                              "render the message 7-bit")
-        bare = _BARE_EOL.search(data)
-        if bare is not None:
+        lines = data.count(b"\n")
+        if lines != data.count(b"\r") or lines != data.count(b"\r\n"):  # fast; a regex costs 0.1 ms
+            bare = _BARE_EOL.search(data)
+            assert bare is not None
             raise ValueError(f"message has a bare CR or LF at byte {bare.start()}: lines must end in CRLF")
         utf8 = not (envelope_from.isascii() and recipient.isascii())
         if utf8 and not self.capabilities.smtputf8:
@@ -343,18 +352,26 @@ class Session:
         try:
             if peer_gone(client.sock):  # e.g. closed while idle between messages
                 return self._lost("mail", reached=False, why="the server closed the idle connection")
-            client.putcmd("MAIL", f"FROM:<{envelope_from}>{options}")
+            pipelined = self.capabilities.pipelining
+            if pipelined:
+                client.send(f"MAIL FROM:<{envelope_from}>{options}\r\nRCPT TO:<{recipient}>\r\nDATA\r\n")
+            else:
+                client.putcmd("MAIL", f"FROM:<{envelope_from}>{options}")
             reached = True
             self.sent += 1
             code, reply = client.getreply()
             if code != 250:
-                return self._refused("mail", code, reply)
+                return self._refused("mail", code, reply, unread=2 if pipelined else 0)
             stage = "rcpt"
-            code, reply = client.docmd("RCPT", f"TO:<{recipient}>")
+            if not pipelined:
+                client.putcmd("RCPT", f"TO:<{recipient}>")
+            code, reply = client.getreply()
             if code not in (250, 251):
-                return self._refused("rcpt", code, reply)
+                return self._refused("rcpt", code, reply, unread=1 if pipelined else 0)
             stage = "data"
-            code, reply = client.docmd("DATA")
+            if not pipelined:
+                client.putcmd("DATA")
+            code, reply = client.getreply()
             if code != 354:
                 return self._refused("data", code, reply)
             client.send(_body(data))
@@ -392,8 +409,12 @@ class Session:
             self._kill()
         return bool(go_on)
 
-    def _refused(self, stage: SendStage, code: int, reply: bytes) -> SendResult:
-        """A 4xx/5xx (or nonsense) reply: classify it and get the session ready for the next one."""
+    def _refused(self, stage: SendStage, code: int, reply: bytes, unread: int = 0) -> SendResult:
+        """A 4xx/5xx (or nonsense) reply: classify it and get the session ready for the next one.
+
+        `unread`: replies to pipelined commands after the refused one, still to be read.
+        """
+        self._drain(unread)
         text = reply_text(reply)
         dot_sent = stage == "dot"  # any reply there answers a dot that went out
         if code < 400:  # 2xx/3xx where it makes no sense, or smtplib's -1: the dialogue is lost
@@ -404,9 +425,23 @@ class Session:
         outcome = classify(stage, code, enhanced, text)
         if code == 421:
             self._kill()  # the server closes after a 421
-        elif stage != "dot":  # after the dot the transaction is over already
+        elif stage != "dot" and self._alive:  # after the dot the transaction is over already
             self._reset()
         return SendResult(stage, code, enhanced, text, outcome, dot_sent=dot_sent, reached_mail=True)
+
+    def _drain(self, unread: int) -> None:
+        """Read the replies to pipelined commands after a refused one; they change nothing.
+
+        A DATA accepted after all (354) leaves the server waiting for a message, which only
+        dropping the connection ends without one."""
+        try:
+            for _ in range(unread):
+                code, _ = self._client.getreply()
+                if code == 354:
+                    self._kill()
+                    return
+        except (OSError, smtplib.SMTPException):
+            self._kill()
 
     def _lost(self, stage: SendStage, *, reached: bool, why: str, timeout: bool = False,
               dot_sent: bool = False) -> SendResult:
@@ -453,5 +488,6 @@ class Session:
 
 def _body(data: bytes) -> bytes:
     """The DATA payload without the final "." line: dot-stuffed, ending in CRLF."""
-    stuffed = _STUFF.sub(b"..", data)
+    # Most messages have no line starting with a dot: a substring test is 4x cheaper than sub.
+    stuffed = _STUFF.sub(b"..", data) if data.startswith(b".") or b"\n." in data else data
     return stuffed if stuffed.endswith(b"\r\n") else stuffed + b"\r\n"

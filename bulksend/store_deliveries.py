@@ -23,7 +23,8 @@ from bulksend.models import (
     delivery_attempts,
     subscribers,
 )
-from bulksend.store import _insert, suppressed_condition
+from bulksend.store import _insert
+from bulksend.store_sending import Prepared
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ def set_account(connection: Connection, name: str, now: float, **values: Any) ->
                        .values(updated_at=now, **values))
 
 
+_SAVE_POSITION = Prepared(sa.update(account_state).where(account_state.c.name == sa.bindparam("b_name"))
+                  .values(rr_current=sa.bindparam("b_position"), updated_at=sa.bindparam("b_now")))
+
+
 def save_positions(connection: Connection, positions: dict[str, float], now: float) -> None:
-    """Store the rotation position of every account."""
-    for name, position in positions.items():
-        set_account(connection, name, now, rr_current=position)
+    """Store the rotation position of every account (one executemany)."""
+    if positions:
+        _SAVE_POSITION.run(connection, [{"b_name": name, "b_position": position, "b_now": now}
+                                            for name, position in positions.items()])
 
 
 def reservations(connection: Connection, names: Sequence[str], since: float) -> dict[str, list[float]]:
@@ -135,12 +141,16 @@ def start_due_campaigns(connection: Connection, now: float) -> None:
 
 @dataclass(frozen=True)
 class Due:
-    """A delivery ready to be claimed."""
+    """A delivery ready to be claimed, with what its message and its retry need."""
 
     id: int
     campaign_id: int
     email: str
     email_key: str
+    attempts: int
+    created_at: float
+    name: str
+    attributes: dict[str, Any]
 
 
 def due_deliveries(connection: Connection, now: float, limit: int,
@@ -151,7 +161,9 @@ def due_deliveries(connection: Connection, now: float, limit: int,
         running = running.where(campaigns.c.id == campaign_id)
     query = (
         sa.select(deliveries.c.id, deliveries.c.campaign_id, deliveries.c.email,
-                  deliveries.c.email_key)
+                  deliveries.c.email_key, deliveries.c.attempts, deliveries.c.created_at,
+                  subscribers.c.name, subscribers.c.attributes)
+        .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
         .where(deliveries.c.state.in_(("queued", "deferred")),
                deliveries.c.next_attempt_at <= now,
                deliveries.c.campaign_id.in_(running))
@@ -183,54 +195,34 @@ def in_flight(connection: Connection, campaign_id: int | None = None) -> int:
     return connection.execute(query).scalar_one()
 
 
+# Built once (see store_sending): the claim runs for hundreds of rows at a time.
+_CLAIM = Prepared(sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"))
+          .values(state="claimed", account=sa.bindparam("b_account"),
+                  lease_owner=sa.bindparam("b_owner"), lease_token=sa.bindparam("b_token"),
+                  lease_expires_at=sa.bindparam("b_expires"), updated_at=sa.bindparam("b_now")))
+_RESERVE = sa.insert(delivery_attempts).returning(
+    delivery_attempts.c.delivery_id, delivery_attempts.c.id, sort_by_parameter_order=True)
+
+
 def claim(connection: Connection, assignments: Iterable[tuple[int, str]], owner: str,
-          token: str, now: float, lease: float) -> None:
-    """Lease deliveries to this worker for their accounts and reserve quota on each."""
-    assignments = list(assignments)
-    for delivery_id, account in assignments:
-        connection.execute(
-            sa.update(deliveries).where(deliveries.c.id == delivery_id)
-            .values(state="claimed", account=account, lease_owner=owner, lease_token=token,
-                    lease_expires_at=now + lease, updated_at=now)
-        )
-    if assignments:
-        connection.execute(sa.insert(delivery_attempts), [
-            {"delivery_id": delivery_id, "account": account, "reserved_at": now}
-            for delivery_id, account in assignments
-        ])
+          token: str, now: float, lease: float) -> dict[int, int]:
+    """Lease deliveries to this worker for their accounts and reserve quota on each.
 
-
-def recipient(connection: Connection, delivery_id: int) -> sa.Row[Any]:
-    """What a message needs about its subscriber (name, attributes) and its campaign."""
-    return connection.execute(
-        sa.select(deliveries.c.campaign_id, deliveries.c.email, deliveries.c.email_key,
-                  deliveries.c.attempts, deliveries.c.created_at, subscribers.c.name,
-                  subscribers.c.attributes)
-        .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
-        .where(deliveries.c.id == delivery_id)
-    ).one()
-
-
-def is_suppressed(connection: Connection, email_key: str) -> bool:
-    """Whether the address or its domain is suppressed now (checked right before RCPT)."""
-    return bool(connection.execute(sa.select(suppressed_condition(sa.literal(email_key)))).scalar())
-
-
-def mark_sending(connection: Connection, delivery_id: int, token: str, now: float,
-                 lease: float) -> bool:
-    """Commit point before the final dot: True only if this worker still holds the lease.
-
-    The lease is renewed from `now`: the dot, its reply and the result get a whole lease,
-    however long the claim waited in its batch; otherwise recovery could call a message
-    `unknown` while its worker is reading the 250.
+    Returns delivery id → the id of its reservation (the attempt row this claim inserted).
     """
-    result = connection.execute(
-        sa.update(deliveries)
-        .where(deliveries.c.id == delivery_id, deliveries.c.state == "claimed",
-               deliveries.c.lease_token == token, deliveries.c.lease_expires_at > now)
-        .values(state="sending", lease_expires_at=now + lease, updated_at=now)
-    )
-    return result.rowcount == 1
+    assignments = list(assignments)
+    if not assignments:
+        return {}
+    _CLAIM.run(connection, [
+        {"b_id": delivery_id, "b_account": account, "b_owner": owner, "b_token": token,
+         "b_expires": now + lease, "b_now": now}
+        for delivery_id, account in assignments
+    ])
+    rows = connection.execute(_RESERVE, [
+        {"delivery_id": delivery_id, "account": account, "reserved_at": now}
+        for delivery_id, account in assignments
+    ])
+    return {delivery_id: attempt_id for delivery_id, attempt_id in rows}
 
 
 def finish(connection: Connection, delivery_id: int, token: str, now: float, *, state: str,
@@ -291,6 +283,17 @@ def requeue(connection: Connection, delivery_ids: Iterable[int], token: str, now
                for delivery_id in delivery_ids)
 
 
+_WAITING = Prepared(sa.select(deliveries.c.id)
+            .where(deliveries.c.campaign_id == sa.bindparam("b_campaign"),
+                   # not in_(): Prepared statements have no expanding IN
+                   sa.or_(deliveries.c.state == "queued", deliveries.c.state == "deferred"))
+            .limit(1))
+_OPEN = Prepared(sa.select(deliveries.c.id)
+         .where(deliveries.c.campaign_id == sa.bindparam("b_campaign"),
+                *(deliveries.c.state != state for state in TERMINAL_DELIVERY_STATES))
+         .limit(1))
+
+
 def finish_campaigns(connection: Connection, campaign_ids: Iterable[int], now: float) -> list[int]:
     """Mark running campaigns whose every delivery is terminal as finished; returns them.
 
@@ -301,21 +304,12 @@ def finish_campaigns(connection: Connection, campaign_ids: Iterable[int], now: f
     """
     done = []
     for campaign_id in sorted(set(campaign_ids)):
-        waiting = connection.execute(
-            sa.select(deliveries.c.id).where(deliveries.c.campaign_id == campaign_id,
-                                             deliveries.c.state.in_(("queued", "deferred")))
-            .limit(1)
-        ).first()
+        waiting = _WAITING.first(connection, {"b_campaign": campaign_id})
         if waiting is not None:
             continue  # not the end: the result of that delivery comes by here again
         connection.execute(sa.select(campaigns.c.id).where(campaigns.c.id == campaign_id)
                            .with_for_update())
-        open_rows = connection.execute(
-            sa.select(sa.func.count()).where(
-                deliveries.c.campaign_id == campaign_id,
-                deliveries.c.state.not_in(TERMINAL_DELIVERY_STATES))
-        ).scalar_one()
-        if open_rows == 0:
+        if _OPEN.first(connection, {"b_campaign": campaign_id}) is None:
             changed = connection.execute(
                 sa.update(campaigns).where(campaigns.c.id == campaign_id,
                                            campaigns.c.status == "running")

@@ -286,7 +286,9 @@ CRASH_POINTS = ("after_claim:3", "before_dot:5", "after_dot:7", "after_result:9"
 def test_kill_9_and_crash_points_lose_nobody_and_send_nobody_twice(
         engine: sa.Engine, workers: MakeWorkers, tmp_path: Path, smtp_server_process: Any) -> None:
     limits = {"k1": ("300/1h",), "k2": ("5000/1h",), "k3": (), "k4": ()}
-    servers = start_servers(smtp_server_process, list(limits))
+    # 20 ms a message per session: the send outlasts the five random kills below.
+    servers = start_servers(smtp_server_process, list(limits),
+                            rules=[{"stage": "dot", "action": "delay", "seconds": 0.02}])
     prepare(engine, tmp_path, 2000)
     run = workers([Account(n, servers[n], limits[n]) for n in limits])
     lanes = sum(account.connections for account in run.accounts)  # transactions at once, at most
