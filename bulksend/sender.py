@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,9 @@ BATCH_PER_LANE = 200  # a claim takes up to this many deliveries per session tha
 LANE_RATE = 10  # messages per second a lane surely manages: a batch fits well within its lease
 SUPPRESSION_CHUNK = 64  # addresses a lane checks against the suppression list in one read
 SUPPRESSION_MAX_AGE = 1.0  # seconds a lane trusts that read
+DRAIN_SECONDS = 20.0  # after `stop`, in-flight transactions get this long before their
+# connections are cut (a message whose dot went out becomes `unknown`), so that a SIGTERM'd
+# worker exits within 30 s whatever its servers do
 
 
 class Session(Protocol):
@@ -69,6 +73,8 @@ class Session(Protocol):
              before_dot: Callable[[], bool]) -> Any: ...
 
     def close(self) -> None: ...
+
+    def interrupt(self) -> None: ...  # noqa: D102 - cut it from another thread
 
 
 SessionFactory = Callable[[AccountConfig], Session]
@@ -170,6 +176,7 @@ class Sender:
         self._pools: dict[str, list[Session]] = {name: [] for name in self._accounts}
         self._factories: dict[tuple[int, bool], messages.MessageFactory] = {}
         self._lock = threading.Lock()
+        self._open: weakref.WeakSet[Session] = weakref.WeakSet()  # what a drain may cut
         self._campaign_id: int | None = None
         self._recorder: Recorder | None = None
 
@@ -179,6 +186,9 @@ class Sender:
         """Send until the queue is empty, nothing can go now (`once`), time is up or `stop`."""
         started = self.clock()
         self._prepare()
+        finished = threading.Event()
+        threading.Thread(target=self._drain_watch, args=(finished,), daemon=True,
+                         name="bulksend-drain").start()
         try:
             while not self.stop.is_set():
                 if max_time is not None and self.clock() - started >= max_time:
@@ -195,8 +205,24 @@ class Sender:
             else:
                 self.report.stopped_because = "stopped by signal"
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                finished.set()
         return self.report
+
+    def _drain_watch(self, finished: threading.Event) -> None:
+        """Once `stop` is set, give in-flight transactions DRAIN_SECONDS (wall clock), then
+        cut every connection still open: a stuck server cannot hold the shutdown."""
+        while not self.stop.wait(1.0):
+            if finished.is_set():
+                return
+        if finished.wait(DRAIN_SECONDS):
+            return
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            session.interrupt()
 
     def _prepare(self) -> None:
         self._recorder = Recorder(self.engine, self.token, self.settings.delivery.lease,
@@ -352,10 +378,13 @@ class Sender:
                 if session.alive:
                     return session
         try:
-            return self.sessions(self._accounts[account])
+            session = self.sessions(self._accounts[account])
         except AccountError as exc:
             self._account_failed(account, exc, waiting)
             return None
+        with self._lock:
+            self._open.add(session)
+        return session
 
     def _factory(self, campaign_id: int, eight_bit: bool) -> messages.MessageFactory:
         key = (campaign_id, eight_bit)

@@ -465,6 +465,12 @@ class Session:
         if code != 250:
             self._kill()
 
+    def interrupt(self) -> None:
+        """Cut the connection from another thread, as if the transaction deadline had passed:
+        a blocked read fails at once (after the dot the message is `unknown`). For a
+        shutdown that cannot wait for a stuck server."""
+        self._guard.expire()
+
     def _kill(self) -> None:
         """Reset the connection (RST): after a lease loss the server must see no more bytes."""
         self._alive = False

@@ -100,13 +100,14 @@ class Guard:
     def deadline(self, seconds: float) -> Iterator[None]:
         """Cut the socket if the block is still running after `seconds`."""
         self.expired = False
-        key = _WATCHDOG.arm(seconds, self._fire)
+        key = _WATCHDOG.arm(seconds, self.expire)
         try:
             yield
         finally:
             _WATCHDOG.disarm(key)
 
-    def _fire(self) -> None:
+    def expire(self) -> None:
+        """Let the deadline pass now: the socket is cut, a blocked reader fails at once."""
         with self._lock:
             self.expired = True
             if self.sock is not None:
