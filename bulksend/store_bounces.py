@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from bulksend.models import (
@@ -27,9 +28,25 @@ from bulksend.models import (
     suppressions,
 )
 from bulksend.store import _insert
+from bulksend.store_sending import Prepared
 
 PENDING = ("queued", "deferred", "claimed")  # not yet at the final dot: can still be stopped
 HANDED_OVER = ("sent", "failed", "unknown")  # a server saw the message (or may have)
+
+
+class PreparedRows(Prepared):
+    """A prepared statement whose every result row is wanted (a SELECT, UPDATE ... RETURNING)."""
+
+    def all(self, connection: Connection, row: dict[str, Any]) -> list[Any]:
+        """Execute once; all result rows."""
+        sql, defaults, order = self._for(connection.dialect)
+        merged = {**defaults, **row}
+        if order is None:  # a named-parameter driver (psycopg)
+            params: Any = merged
+        else:  # the positional names, or (store_sending's newer form) a getter of them
+            params = order(merged) if callable(order) else tuple(merged[k] for k in order)
+        return connection.exec_driver_sql(sql, params).all()
+
 
 # --- resolving events to deliveries ----------------------------------------------------------
 
@@ -47,11 +64,12 @@ class DeliveryRef:
 
 _REF = (deliveries.c.id, deliveries.c.campaign_id, deliveries.c.subscriber_id,
         deliveries.c.email_key, deliveries.c.account)
+_DELIVERY = Prepared(sa.select(*_REF).where(deliveries.c.id == sa.bindparam("b_id")))
 
 
 def delivery(connection: Connection, delivery_id: int) -> DeliveryRef | None:
     """The delivery with this id, if it (still) exists."""
-    row = connection.execute(sa.select(*_REF).where(deliveries.c.id == delivery_id)).first()
+    row = _DELIVERY.first(connection, {"b_id": delivery_id})
     return None if row is None else DeliveryRef(*row)
 
 
@@ -96,18 +114,33 @@ def known_subscribers(connection: Connection, email_keys: Iterable[str]) -> set[
 # --- events -------------------------------------------------------------------------------------
 
 
+def _insert_one(table: sa.Table, columns: Sequence[str], key: Sequence[str]
+                ) -> dict[str, Prepared]:
+    """Per dialect name: the INSERT of one row of `columns` that does nothing if `key` is taken."""
+    inserts = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+    values = {column: sa.bindparam(column) for column in columns}
+    return {name: Prepared(insert(table).values(values)
+                           .on_conflict_do_nothing(index_elements=list(key)))
+            for name, insert in inserts.items()}
+
+
+_EVENT_KEY = ("source_key", "email_key", "kind")
+_EVENT_COLUMNS = ("kind", "source", "source_key", "email_key", "delivery_id", "campaign_id",
+                  "status", "diagnostic", "created_at")
+_RECORD_ONE = _insert_one(bounce_events, _EVENT_COLUMNS, _EVENT_KEY)  # for `record_event`
+
+
 def record_event(connection: Connection, *, kind: str, source: str, source_key: str,
                  email_key: str, delivery_id: int | None, campaign_id: int | None,
                  status: str | None, diagnostic: str | None, now: float) -> bool:
     """Record one event; False if this mail already recorded it (nothing is counted twice)."""
-    return bool(record_events(connection, [{
+    return _RECORD_ONE[connection.dialect.name].run(connection, [{
         "kind": kind, "source": source, "source_key": source_key[:500], "email_key": email_key,
         "delivery_id": delivery_id, "campaign_id": campaign_id, "status": status,
         "diagnostic": diagnostic, "created_at": now,
-    }]))
+    }]) == 1
 
 
-_EVENT_KEY = ("source_key", "email_key", "kind")
 _RECORD: dict[str, Any] = {}  # dialect name → the prebuilt INSERT of `record_events`
 
 
@@ -147,6 +180,13 @@ def soft_bounce_counts(connection: Connection, email_keys: Iterable[str], since:
 
 
 _SUPPRESS: dict[str, Any] = {}  # dialect name → the prebuilt INSERT of `suppress_addresses`
+_SUPPRESS_ONE = _insert_one(suppressions, ("email_key", "reason", "source", "created_at",
+                                           "campaign_id"), ("email_key",))
+
+
+def suppress_address(connection: Connection, entry: dict[str, Any]) -> bool:
+    """Suppress one address (the keys of `suppress_addresses`); False if it already was."""
+    return _SUPPRESS_ONE[connection.dialect.name].run(connection, [entry]) == 1
 
 
 def suppress_addresses(connection: Connection, entries: Sequence[dict[str, Any]]) -> int:
@@ -175,7 +215,7 @@ def suppress_addresses(connection: Connection, entries: Sequence[dict[str, Any]]
 
 _LISTS_OF_CAMPAIGN = (sa.select(campaign_lists.c.list_id)
                       .where(campaign_lists.c.campaign_id == sa.bindparam("b_campaign")))
-_UNSUBSCRIBE = (
+_UNSUBSCRIBE = Prepared(
     sa.update(list_members)
     .where(list_members.c.subscriber_id == sa.bindparam("b_subscriber"),
            list_members.c.list_id.in_(_LISTS_OF_CAMPAIGN), list_members.c.status == "subscribed")
@@ -186,13 +226,19 @@ _UNSUBSCRIBE = (
 def unsubscribe_from_campaign_lists(connection: Connection, subscriber_id: int, campaign_id: int,
                                     now: float) -> int:
     """Set the subscriber's memberships of the campaign's lists to unsubscribed; returns changes."""
-    return connection.execute(_UNSUBSCRIBE, {"b_subscriber": subscriber_id,
-                                             "b_campaign": campaign_id, "b_now": now}).rowcount
+    return _UNSUBSCRIBE.run(connection, [{"b_subscriber": subscriber_id,
+                                          "b_campaign": campaign_id, "b_now": now}])
 
 
 def _pending_of_subscriber(everywhere: bool) -> list[sa.ColumnElement[bool]]:
     subscriber = sa.bindparam("b_subscriber")
-    conditions = [deliveries.c.subscriber_id == subscriber, deliveries.c.state.in_(PENDING)]
+    conditions = [
+        # Every delivery carries its subscriber's address key, which never changes: the
+        # key's index finds the subscriber's few rows (there is none on subscriber_id).
+        deliveries.c.email_key == sa.bindparam("b_email_key"),
+        deliveries.c.subscriber_id == subscriber,
+        sa.or_(*(deliveries.c.state == state for state in PENDING)),  # no expanding IN
+    ]
     if not everywhere:
         still_subscribed = sa.exists().where(
             campaign_lists.c.campaign_id == deliveries.c.campaign_id,
@@ -204,31 +250,30 @@ def _pending_of_subscriber(everywhere: bool) -> list[sa.ColumnElement[bool]]:
     return conditions
 
 
-# everywhere → (the campaigns with such deliveries, the UPDATE that stops them), built once
+# everywhere → the UPDATE that stops the pending deliveries, returning their campaigns
 _PENDING = {
-    everywhere: (
-        sa.select(deliveries.c.campaign_id).where(*_pending_of_subscriber(everywhere)).distinct(),
+    everywhere: PreparedRows(
         sa.update(deliveries).where(*_pending_of_subscriber(everywhere))
         .values(state="suppressed", lease_owner=None, lease_token=None, lease_expires_at=None,
-                updated_at=sa.bindparam("b_now")),
+                updated_at=sa.bindparam("b_now"))
+        .returning(deliveries.c.campaign_id)
     )
     for everywhere in (False, True)
 }
 
 
-def suppress_pending(connection: Connection, subscriber_id: int, now: float, *,
+def suppress_pending(connection: Connection, subscriber_id: int, email_key: str, now: float, *,
                      everywhere: bool) -> list[int]:
     """Stop the subscriber's deliveries that have not reached the final dot; returns campaigns.
 
-    `everywhere`: in every campaign (the address is suppressed); otherwise only in campaigns
-    none of whose lists the subscriber is still subscribed to. A `claimed` row loses its
-    lease too: the worker holding it cannot commit `sending`, so it never writes the dot.
+    `email_key` is the subscriber's. `everywhere`: in every campaign (the address is
+    suppressed); otherwise only in campaigns none of whose lists the subscriber is still
+    subscribed to. A `claimed` row loses its lease too: the worker holding it cannot
+    commit `sending`, so it never writes the dot.
     """
-    find, stop = _PENDING[everywhere]
-    affected = list(connection.execute(find, {"b_subscriber": subscriber_id}).scalars())
-    if affected:
-        connection.execute(stop, {"b_subscriber": subscriber_id, "b_now": now})
-    return affected
+    rows = _PENDING[everywhere].all(connection, {"b_subscriber": subscriber_id,
+                                                 "b_email_key": email_key, "b_now": now})
+    return sorted({campaign_id for campaign_id, in rows})
 
 
 # --- campaign guard -----------------------------------------------------------------------------

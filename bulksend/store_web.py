@@ -11,18 +11,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from bulksend.models import campaign_lists, deliveries, list_members, lists
+from bulksend.store_bounces import DeliveryRef, PreparedRows
 
 
 @dataclass(frozen=True)
 class PageView:
-    """What the unsubscribe page of one delivery shows."""
+    """What the unsubscribe page of one delivery shows, and the delivery itself."""
 
     email: str  # the address the message went to
     list_names: tuple[str, ...]  # the campaign's lists this address is a member of
+    delivery: DeliveryRef  # what a POST unsubscribes
 
 
-_PAGE_VIEW = (  # built once: the server runs it for every request
-    sa.select(deliveries.c.email, lists.c.name)
+_PAGE_VIEW = PreparedRows(  # built and compiled once: the server runs it for every request
+    sa.select(deliveries.c.id, deliveries.c.campaign_id, deliveries.c.subscriber_id,
+              deliveries.c.email_key, deliveries.c.account, deliveries.c.email, lists.c.name)
     .select_from(
         deliveries
         .outerjoin(campaign_lists, campaign_lists.c.campaign_id == deliveries.c.campaign_id)
@@ -42,10 +45,12 @@ def page_view(connection: Connection, delivery_id: int) -> PageView | None:
     One statement whether or not the delivery exists, so an id that finds nothing costs what
     an id that finds a row does.
     """
-    rows = connection.execute(_PAGE_VIEW, {"delivery_id": delivery_id}).all()
+    rows = _PAGE_VIEW.all(connection, {"delivery_id": delivery_id})
     if not rows:
         return None
-    return PageView(rows[0].email, tuple(row.name for row in rows if row.name is not None))
+    first = rows[0]
+    return PageView(first[5], tuple(row[6] for row in rows if row[6] is not None),
+                    DeliveryRef(*first[:5]))
 
 
 def ping(connection: Connection) -> None:

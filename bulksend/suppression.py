@@ -334,12 +334,6 @@ def _entry(email_key: str, reason: str, why: str, ref: DeliveryRef | None,
             "campaign_id": ref.campaign_id if ref else None}
 
 
-def _suppress(connection: Connection, email_key: str, reason: str, why: str,
-              ref: DeliveryRef | None, now: float) -> int:
-    """Suppress an address (its first reason stays); 1 if it was not suppressed before."""
-    return store_bounces.suppress_addresses(connection, [_entry(email_key, reason, why, ref, now)])
-
-
 # --- unsubscribes -----------------------------------------------------------------------------
 
 
@@ -361,8 +355,17 @@ def unsubscribe(target: Engine | Connection, delivery_id: int, *, scope: str, so
         ref = store_bounces.delivery(connection, delivery_id)
         if ref is None:
             raise NotFound(f"delivery {delivery_id} does not exist")
-        changed, affected = _unsubscribe(connection, ref, scope, source, now, source_key)
-        store_deliveries.finish_campaigns(connection, affected, now)
+        return unsubscribe_delivery(connection, ref, scope=scope, source=source, now=now,
+                                    source_key=source_key)
+
+
+def unsubscribe_delivery(connection: Connection, ref: DeliveryRef, *, scope: str, source: str,
+                         now: float, source_key: str) -> bool:
+    """`unsubscribe` for a delivery the caller has just read in this transaction."""
+    if scope not in UNSUBSCRIBE_SCOPES:
+        raise ValueError(f"unsubscribe scope {scope!r}: expected lists or all")
+    changed, affected = _unsubscribe(connection, ref, scope, source, now, source_key)
+    store_deliveries.finish_campaigns(connection, affected, now)
     return changed
 
 
@@ -372,9 +375,9 @@ def _unsubscribe(connection: Connection, ref: DeliveryRef, scope: str, source: s
     changed = store_bounces.unsubscribe_from_campaign_lists(
         connection, ref.subscriber_id, ref.campaign_id, now) > 0
     if scope == "all":
-        changed |= _suppress(connection, ref.email_key, "unsubscribe", f"{source} unsubscribe",
-                             ref, now) > 0
-    affected = store_bounces.suppress_pending(connection, ref.subscriber_id, now,
+        changed |= store_bounces.suppress_address(
+            connection, _entry(ref.email_key, "unsubscribe", f"{source} unsubscribe", ref, now))
+    affected = store_bounces.suppress_pending(connection, ref.subscriber_id, ref.email_key, now,
                                               everywhere=scope == "all")
     changed |= bool(affected)
     if changed:

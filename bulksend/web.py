@@ -28,6 +28,7 @@ is the visitor's (Accept-Language: English or Russian, English otherwise).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +39,7 @@ from importlib.resources import files
 from typing import Any
 
 import jinja2
+import markupsafe
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -102,6 +104,44 @@ def _not_allowed(allow: str) -> Response:
 NOT_FOUND = _response("404 Not Found", NOT_FOUND_PAGE.encode("utf-8"), "text/html; charset=utf-8")
 
 
+class Page:
+    """A page template rendered once per variant; a request only fills in its slots.
+
+    Rendering the whole page for each POST costs about as much as its SQL. A variant (the
+    fixed arguments, e.g. the language, and which slots are empty: what the template's
+    `if`s can see) is rendered once with a marker in each slot; a request then joins the
+    constant pieces with its slot values, escaped as autoescape escapes them. The first
+    request of a variant is also rendered in full and compared: a template that does more
+    with a slot than print it is rendered in full every time.
+    """
+
+    _MARKER = re.compile(r"\x00(\w+)\x00")  # no template text holds a NUL; escaping keeps it
+
+    def __init__(self, template: jinja2.Template) -> None:
+        self.template = template
+        self._pieces: dict[tuple[Any, ...], list[str] | None] = {}
+
+    def render(self, fixed: Mapping[str, Any], slots: Mapping[str, str]) -> str:
+        """What `template.render(**fixed, **slots)` returns."""
+        key = (*fixed.items(), *((name, bool(value)) for name, value in slots.items()))
+        if key in self._pieces:
+            pieces = self._pieces[key]
+            return self.template.render(**fixed, **slots) if pieces is None \
+                else self._fill(pieces, slots)
+        marked = {name: f"\x00{name}\x00" if value else "" for name, value in slots.items()}
+        pieces = self._MARKER.split(self.template.render(**fixed, **marked))
+        html = self.template.render(**fixed, **slots)
+        fits = set(pieces[1::2]) <= set(slots) and self._fill(pieces, slots) == html
+        self._pieces[key] = pieces if fits else None
+        return html
+
+    @staticmethod
+    def _fill(pieces: list[str], slots: Mapping[str, str]) -> str:
+        # pieces: text, slot name, text, ..., text (what re.split gives with one group)
+        values = {name: str(markupsafe.escape(value)) for name, value in slots.items()}
+        return "".join(piece if i % 2 == 0 else values[piece] for i, piece in enumerate(pieces))
+
+
 class BadRequest(Exception):
     """A POST body this app refuses; carries the response to send."""
 
@@ -125,7 +165,7 @@ class UnsubscribeApp:
         environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
         templates = files("bulksend.templates")
         self.page, self.done = (
-            environment.from_string(templates.joinpath(name).read_text(encoding="utf-8"))
+            Page(environment.from_string(templates.joinpath(name).read_text(encoding="utf-8")))
             for name in ("unsubscribe.html", "unsubscribed.html")
         )
 
@@ -174,8 +214,9 @@ class UnsubscribeApp:
             view = store_web.page_view(connection, self._delivery_id(token))
         if view is None:
             return NOT_FOUND
-        html = self.page.render(lang=language, email=mask_address(view.email),
-                                list_names=list(view.list_names), action_url=token)
+        html = self.page.render({"lang": language}, {
+            "email": mask_address(view.email), "list_names": ", ".join(view.list_names),
+            "action_url": token})
         return self._html(html, language)
 
     def unsubscribe(self, token: str, environ: Mapping[str, Any]) -> Response:
@@ -190,16 +231,17 @@ class UnsubscribeApp:
             # Every token, read or not, looks up a delivery in the shared write transaction.
             view = store_web.page_view(connection, delivery_id)
             if view is not None:
-                suppression.unsubscribe(connection, delivery_id, scope=scope, source="web",
-                                        now=self.clock(), source_key=f"web:{delivery_id}:{scope}")
+                suppression.unsubscribe_delivery(connection, view.delivery, scope=scope,
+                                                 source="web", now=self.clock(),
+                                                 source_key=f"web:{delivery_id}:{scope}")
             return view
 
         view = self.commits.run(work)
         if view is None:
             return NOT_FOUND
         language = preferred_language(environ.get("HTTP_ACCEPT_LANGUAGE", ""))
-        html = self.done.render(lang=language, email=mask_address(view.email),
-                                list_names=list(view.list_names), everything=scope == "all")
+        html = self.done.render({"lang": language, "everything": scope == "all"}, {
+            "email": mask_address(view.email), "list_names": ", ".join(view.list_names)})
         return self._html(html, language)
 
     def _token_in(self, path: str) -> str | None:
@@ -333,6 +375,9 @@ def serve(app: UnsubscribeApp, host: str, port: int, *, threads: int = THREADS,
     """Serve `app` on host:port until SIGINT (or SystemExit raised in the main thread)."""
     import waitress  # noqa: PLC0415 - only `serve` needs it
 
+    # Under load every worker is busy and requests queue (their commits are shared): waitress
+    # would warn "Task queue depth is N" on stderr for each one. Only its errors are news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         server = waitress.create_server(
             app, host=host, port=port, threads=threads, ident="bulksend",
