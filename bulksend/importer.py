@@ -11,33 +11,36 @@ from __future__ import annotations
 import csv
 import io
 import json
+import marshal
 import operator
 import re
-import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain, repeat
 from typing import Any, BinaryIO, NamedTuple
 
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
-
-from bulksend.errors import AddressError, ImportFileError
+from bulksend.addresses import (
+    ADDRESS_LINES, DOT_ATOM_LOCAL, INVISIBLE, AddressValidator, InvalidAddress, address_key,
+    strip_address,
+)
+from bulksend.errors import ImportFileError
 from bulksend.file_layout import (
     SAMPLE_BYTES, Layout, Options, build_layout, check_encoding, detect_encoding,
     reject_binary_text, sniff_delimiter,
 )
 
+__all__ = [  # with what other modules use from file_layout and addresses through this one
+    "MAX_NAME", "SAMPLE_BYTES", "AddressValidator", "Batch", "InvalidAddress", "Layout", "Options",
+    "Rejected", "Subscriber", "address_key", "build_layout", "clean_text", "detect_encoding",
+    "dump_batch", "load_batch", "open_batches", "open_rows", "read_records", "sniff_delimiter",
+    "strip_address",
+]
+
 MAX_NAME = 500
 
-# Characters that must never reach a stored value: C0/C1 controls, line and paragraph
-# separators, and the bidi overrides used to disguise text.
+# Characters that must never reach a stored value (with addresses.INVISIBLE): line and
+# paragraph separators.
 _LINE_BREAKS = re.compile(r"[\t\n\v\f\r\x85\u2028\u2029]+")
-_INVISIBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 _SPACES = re.compile(r" {2,}")
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
-# Plain ASCII host names that email-validator accepts as they are (lower-cased); anything
-# else (IDN, "--" labels, odd TLDs, special-use names) is left to email-validator itself.
-_PLAIN_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
-_SPECIAL_USE = tuple(SPECIAL_USE_DOMAIN_NAMES)
 _NEEDS_CLEANING = re.compile(
     r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]|  |^\s|\s\Z"
 )
@@ -62,10 +65,6 @@ class Rejected(NamedTuple):
     reason: str
 
 
-class InvalidAddress(ValueError):
-    """An email address that fails validation; the message says why."""
-
-
 # --- values ---------------------------------------------------------------------------
 
 
@@ -74,84 +73,8 @@ def clean_text(value: str) -> str:
     if not _NEEDS_CLEANING.search(value):
         return value  # the common case, checked by one scan
     value = _LINE_BREAKS.sub(" ", value)
-    value = _INVISIBLE.sub("", value)
+    value = INVISIBLE.sub("", value)
     return _SPACES.sub(" ", value).strip()
-
-
-def strip_address(raw: str) -> str:
-    """An address cell without spaces, invisible characters, `mailto:` or angle brackets."""
-    if raw.isascii():  # ASCII controls inside an address make it invalid; no need to strip them
-        value = raw.strip()
-    else:
-        value = _INVISIBLE.sub("", unicodedata.normalize("NFC", raw)).strip().strip("\u00a0").strip()
-    if value.lower().startswith("mailto:"):
-        value = value[7:]
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1].strip()
-    return value
-
-
-class AddressValidator:
-    """Validates addresses with email-validator, caching the verdict on each domain.
-
-    Most rows of a real list are plain ASCII local parts at a few thousand domains, so the
-    domain is validated once and the local part by the RFC 5322 dot-atom rule; anything
-    else (quoted or internationalised local parts) goes to email-validator whole.
-    """
-
-    def __init__(self, cache_size: int = 200_000) -> None:
-        self.verdicts: dict[str, str | InvalidAddress] = {}  # domain as given -> verdict
-        self._cache_size = cache_size
-
-    def key(self, address: str) -> tuple[str, str]:
-        """(email_key, ascii domain) for a valid address; raises InvalidAddress."""
-        local, at, domain = address.rpartition("@")
-        if at and len(local) <= 64 and len(address) <= 254 and _DOT_ATOM_LOCAL.match(local):
-            ascii_domain = self._domain(domain)
-            if len(local) + 1 + len(ascii_domain) <= 254:
-                return f"{local.lower()}@{ascii_domain}", ascii_domain
-        return self._full(address)
-
-    def _domain(self, domain: str) -> str:
-        verdict = self.verdicts.get(domain)
-        if verdict is None:
-            if len(self.verdicts) >= self._cache_size:
-                self.verdicts.clear()
-            verdict = self.verdicts[domain] = self._check_domain(domain)
-        if isinstance(verdict, InvalidAddress):
-            raise verdict
-        return verdict
-
-    def _check_domain(self, domain: str) -> str | InvalidAddress:
-        plain = domain.lower()
-        if (len(plain) <= 253 and _PLAIN_DOMAIN.match(plain) and "--" not in plain
-                and not self._special(plain)):
-            return plain
-        try:
-            return validate_email(f"a@{domain}", check_deliverability=False).ascii_domain.lower()
-        except EmailNotValidError as exc:
-            return InvalidAddress(str(exc))
-
-    @staticmethod
-    def _special(domain: str) -> bool:
-        return any(domain == name or domain.endswith("." + name) for name in _SPECIAL_USE)
-
-    @staticmethod
-    def _full(address: str) -> tuple[str, str]:
-        try:
-            valid = validate_email(address, check_deliverability=False)
-        except EmailNotValidError as exc:
-            raise InvalidAddress(str(exc)) from None
-        domain = valid.ascii_domain.lower()
-        return f"{valid.local_part.lower()}@{domain}", domain
-
-
-def address_key(email: str) -> str:
-    """The dedupe key of an address a user typed; AddressError if it is not valid."""
-    try:
-        return AddressValidator().key(strip_address(email))[0]
-    except InvalidAddress as exc:
-        raise AddressError(f"invalid address {email!r}: {exc}") from None
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -171,6 +94,18 @@ class Batch(NamedTuple):
     position: int  # bytes of the file read so far
 
 
+def dump_batch(batch: Batch) -> bytes:
+    """A batch as bytes for another process: marshal is ~2x faster than pickle for these tuples."""
+    return marshal.dumps((batch.rows, [tuple(item) for item in batch.rejected], batch.invalid,
+                          batch.position))
+
+
+def load_batch(data: bytes | memoryview) -> Batch:
+    """The batch that `dump_batch` wrote."""
+    rows, rejected, invalid, position = marshal.loads(data)
+    return Batch(rows, [Rejected(*item) for item in rejected], invalid, position)
+
+
 class _Converter:
     """Turns the data rows of one file into staged rows or rejections."""
 
@@ -184,6 +119,8 @@ class _Converter:
         # The common case, every attribute present with nothing to escape, fills a template.
         self.template = "{" + ",".join(f'{key}"%s"' for _, key in self.attribute_json) + "}"
         indexes = [index for index, _ in layout.attributes]
+        self.email = operator.itemgetter(layout.email_index)
+        self.name = operator.itemgetter(layout.name_index) if layout.name_index is not None else None
         self.pick: Callable[[list[str]], tuple[str, ...]] = (
             operator.itemgetter(*indexes) if len(indexes) > 1  # type: ignore[assignment]
             else lambda row: tuple(row[index] for index in indexes))
@@ -219,22 +156,86 @@ class _Converter:
 
     def batches(self, reader: Any, line: int, tell: Callable[[], int], size: int,
                 keep_rejected: bool) -> Iterator[Batch]:
-        """Batches of `size` valid rows from `reader`, whose next row starts at `line`.
+        """Batches of the next `size` data rows of `reader`, whose next row starts at `line`.
+
+        A batch of plain rows (the common case) is converted at once by `_plain`; any
+        other batch row by row by `_each`. After a batch that was not plain, the next
+        1, 2, 4 ... 32 go straight to `_each`: a file with a bad row in every batch pays
+        for `_plain` on few of them.
+        """
+        skip, backoff = 0, 1
+        while True:
+            rows, lines, line = _take(reader, line, size)
+            staged = None
+            if skip:
+                skip -= 1
+            else:
+                staged = self._plain(rows, lines)
+                skip, backoff = (0, 1) if staged is not None else (backoff, min(2 * backoff, 32))
+            if staged is not None:
+                yield Batch(staged, [], 0, tell())
+            else:
+                yield self._each(rows, lines, keep_rejected, tell)
+            if len(rows) < size:
+                return
+
+    def _plain(self, rows: list[list[str]], lines: Sequence[int]) -> list[Staged] | None:
+        """The rows converted, if each takes the fast path of `_each`; None otherwise.
+
+        The same checks as `_each` makes on each row, made on all the rows joined into one
+        string: at a million rows, a check per row in Python costs more than the parsing.
+        """
+        if self.layout.first_last is not None or {*map(len, rows)} != {self.width}:
+            return None
+        cells = "|".join(map("|".join, rows))
+        if (not cells or not cells.isprintable() or "  " in cells or " |" in cells
+                or "| " in cells or cells[0] == " " or cells[-1] == " "):
+            return None
+        emails = list(map(self.email, rows))
+        text = "\n".join(emails) + "\n"
+        if not text.isascii() or ADDRESS_LINES.fullmatch(text) is None:
+            return None
+        lowered = text.lower()
+        keys = emails if lowered == text else lowered.split("\n")[:-1]
+        domains = [key.rpartition("@")[2] for key in keys]
+        verdicts = self.validator.verdicts
+        # The key is the address lower-cased where the domain's ASCII form is itself.
+        if list(map(verdicts.get, domains)) != domains:
+            for domain in set(domains).difference(verdicts):  # domains not seen before
+                self.validator.verdict(domain)
+            if list(map(verdicts.get, domains)) != domains:
+                return None
+        names = list(map(self.name, rows)) if self.name is not None else [""] * len(rows)
+        if max(map(len, names)) > MAX_NAME:
+            return None
+        values = list(map(self.pick, rows))
+        if '"' in cells or "\\" in cells or "" in chain.from_iterable(values):
+            attributes = list(map(self._attributes, rows))
+        else:
+            attributes = list(map(self.template.__mod__, values))
+        return list(zip(lines, emails, keys, domains, names, attributes, repeat(self.stamp)))
+
+    def _attributes(self, row: list[str]) -> str:
+        """The attributes of a row whose cells need no cleaning, as a JSON object."""
+        return "{" + ",".join([key + _json_string(row[index]) for index, key in self.attribute_json
+                               if row[index]]) + "}"
+
+    def _each(self, rows: list[list[str]], lines: Sequence[int], keep_rejected: bool,
+              tell: Callable[[], int]) -> Batch:
+        """The rows converted one by one.
 
         Most rows take the fast path: the address cell is plain ASCII at a domain seen
         before and no cell needs cleaning, which makes every step of `row()` an identity.
-        Any other row goes through `row()`. The loop is one function on purpose: at a
-        million rows, each call or attribute lookup per row costs a visible fraction.
+        Any other row goes through `row()`.
         """
-        rows: list[Staged] = []
+        staged: list[Staged] = []
         rejected: list[Rejected] = []
         invalid = 0
         width, email_index, name_index = self.width, self.layout.email_index, self.layout.name_index
         fast = self.layout.first_last is None
-        verdicts, dot_atom, attribute_json = self.validator.verdicts, _DOT_ATOM_LOCAL.match, self.attribute_json
+        verdicts, dot_atom = self.validator.verdicts, DOT_ATOM_LOCAL.match
         stamp, template, pick = self.stamp, self.template, self.pick
-        for row in reader:
-            this, line = line, reader.line_num + 1
+        for this, row in zip(lines, rows):
             if fast and len(row) == width:
                 email = row[email_index]
                 local, _, domain = email.rpartition("@")
@@ -254,15 +255,11 @@ class _Converter:
                         if "" not in values and '"' not in joined and "\\" not in joined:
                             attributes = template % values
                         else:
-                            attributes = "{" + ",".join([key + _json_string(row[index]) for index, key
-                                                         in attribute_json if row[index]]) + "}"
+                            attributes = self._attributes(row)
                         key = f"{local.lower()}@{ascii_domain}"
                         if key == email:
-                            key = email  # one object: it pickles (to a parsing process) once
-                        rows.append((this, email, key, ascii_domain, name, attributes, stamp))
-                        if len(rows) >= size:
-                            yield Batch(rows, rejected, invalid, tell())
-                            rows, rejected, invalid = [], [], 0
+                            key = email  # one object: it crosses to the writing process once
+                        staged.append((this, email, key, ascii_domain, name, attributes, stamp))
                         continue
             item = self.row(this, row)
             if item is None:
@@ -272,11 +269,24 @@ class _Converter:
                 if keep_rejected:
                     rejected.append(item)  # type: ignore[arg-type]
                 continue
-            rows.append(item)  # type: ignore[arg-type]
-            if len(rows) >= size:
-                yield Batch(rows, rejected, invalid, tell())
-                rows, rejected, invalid = [], [], 0
-        yield Batch(rows, rejected, invalid, tell())
+            staged.append(item)  # type: ignore[arg-type]
+        return Batch(staged, rejected, invalid, tell())
+
+
+def _take(reader: Any, line: int, size: int) -> tuple[list[list[str]], Sequence[int], int]:
+    """The next `size` rows of `reader` (fewer at the end), their first lines, the next line."""
+    rows: list[list[str]] = []
+    ends: list[int] = []  # the last line of each row
+    for row in reader:
+        rows.append(row)
+        ends.append(reader.line_num)
+        if len(rows) == size:
+            break
+    if not ends:
+        return rows, (), line
+    if ends[-1] - line + 1 == len(rows):  # one line per row, the common case
+        return rows, range(line, line + len(rows)), ends[-1] + 1
+    return rows, [line, *(end + 1 for end in ends[:-1])], ends[-1] + 1
 
 
 def _records(text: io.TextIOWrapper, delimiter: str) -> Iterator[tuple[int, list[str]]]:

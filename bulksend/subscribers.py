@@ -80,7 +80,8 @@ def import_file(engine: Engine, path: Path, list_name: str, *, now: float,
         # only after the commit: an unwritable path fails the import, never half of it.
         out = stack.enter_context(atomic_text(rejects)) if rejects is not None else None
         if size > importer.SAMPLE_BYTES:  # parse in a second process while this one writes
-            batches = stack.enter_context(prefetch.in_child(batches))
+            batches = stack.enter_context(
+                prefetch.in_child(batches, importer.dump_batch, importer.load_batch))
         dead = domains.suppressions(checked, now) if checked is not None else []
         with db.transaction(engine, rollback=dry_run, immediate=False) as connection:
             load = _load_direct if connection.dialect.name == "sqlite" else _load_staged
