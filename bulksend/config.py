@@ -65,6 +65,7 @@ class DeliveryConfig:
     retry_after: int = 300
     give_up_after: int = 72 * 3600
     lease: int = 300
+    one_cpu: bool = True  # a `send` worker keeps its threads on one CPU (see sender._one_cpu)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ def _delivery(sec: Section) -> DeliveryConfig:
         retry_after=sec.take("retry_after", parse_duration, 300),
         give_up_after=sec.take("give_up_after", parse_duration, 72 * 3600),
         lease=sec.take("lease", parse_duration, 300),
+        one_cpu=sec.take("one_cpu", values.boolean, True),
     )
 
 

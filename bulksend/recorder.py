@@ -115,6 +115,7 @@ class Recorder:
         self._queue: deque[_Request] = deque()
         self._pending = 0  # submitted, not yet settled
         self._expecting = 0  # dots let go whose results have not been queued yet
+        self._gathering = False  # the writer waits in _gather: only the last result wakes it
         self._closing = False
         self._error: BaseException | None = None  # once a commit failed, nothing else is tried
         self._thread = threading.Thread(target=self._run, name="bulksend-recorder", daemon=True)
@@ -158,7 +159,8 @@ class Recorder:
             self._pending += 1
             if isinstance(request, Result):
                 self._expecting = max(0, self._expecting - 1)
-            self._cond.notify()
+            if not self._gathering or not self._expecting:
+                self._cond.notify()  # (a wake-up per result would cost a thread switch each)
         return request
 
     # --- the writer ----------------------------------------------------------------------------
@@ -195,11 +197,15 @@ class Recorder:
         rounds instead of three. Bounded by GATHER: a slow reply does not hold the rest.
         """
         deadline = time.monotonic() + GATHER
-        while self._expecting > 0 and not self._closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._cond.wait(left)
+        self._gathering = True
+        try:
+            while self._expecting > 0 and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        finally:
+            self._gathering = False
 
     def _connect(self) -> Connection | None:
         try:

@@ -27,6 +27,7 @@ relative to the cycle V is in, so they stay below 3 however many picks have been
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left
 from collections.abc import Collection, Mapping, Sequence
@@ -65,18 +66,23 @@ def picks(slots: Sequence[Slot], eligible: Collection[str], n: int,
              for slot, own in zip(slots, turns)]
     latest = max(_before(own, total, tick) for own, tick in zip(turns, ticks))
     left = [n if room is None else room.get(slot.name, n) for slot in slots]
-    ready = [i for i, slot in enumerate(slots) if slot.name in eligible]
+    ready = [i for i, slot in enumerate(slots) if slot.name in eligible and left[i] > 0]
+    for i in ready:  # skipped accounts rejoin at their first turn after the latest pick
+        ticks[i] = _at_or_after(turns[i], total, max(ticks[i], latest))
+    # From here on every ready account's next turn is after the latest pick, so a pick is
+    # the earliest next turn: a heap (turns are distinct: there are no ties).
+    due = [(ticks[i], i) for i in ready]
+    heapq.heapify(due)
     chosen: list[str] = []
-    for _ in range(n):
-        ready = [i for i in ready if left[i] > 0]
-        if not ready:
-            break
-        for i in ready:  # skipped accounts rejoin at their first turn after the latest pick
-            ticks[i] = _at_or_after(turns[i], total, max(ticks[i], latest))
-        i = min(ready, key=ticks.__getitem__)  # turns are distinct: there are no ties
-        latest, ticks[i] = ticks[i], _at_or_after(turns[i], total, ticks[i] + 1)
+    while due and len(chosen) < n:
+        latest, i = due[0]
+        ticks[i] = _at_or_after(turns[i], total, latest + 1)
         chosen.append(slots[i].name)
         left[i] -= 1
+        if left[i] > 0:
+            heapq.heapreplace(due, (ticks[i], i))
+        else:
+            heapq.heappop(due)
     ticks = [_at_or_after(own, total, max(tick, latest)) for own, tick in zip(turns, ticks)]
     # Whole cycles can go: every position moves by the same number of turns, order unchanged.
     shift = max(0, latest // total) * total

@@ -40,6 +40,7 @@ import base64
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 MECHANISMS = ("PLAIN", "LOGIN")
+FRESH_LOOK = 0.005  # seconds during which what `alive` saw still stands for `send`
 _STUFF = re.compile(rb"(?m)^\.")
 _BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -283,14 +285,18 @@ class Session:
         self._guard = guard
         self._timeouts = timeouts
         self._alive = True
+        self._looked_at = -1.0  # when `alive` last found the connection up (monotonic)
 
     @property
     def alive(self) -> bool:
         """Whether the connection can carry another message: False after a connection
         problem, a 421, a lease loss, close(), or once the server has hung up on an idle
         connection (checked without blocking). When False, open a new session."""
-        if self._alive and peer_gone(self._client.sock):
-            self._kill()
+        if self._alive:
+            if peer_gone(self._client.sock):
+                self._kill()
+            else:
+                self._looked_at = time.monotonic()
         return self._alive
 
     @property
@@ -350,7 +356,10 @@ class Session:
         reached = dot_sent = asking = False
         client = self._client
         try:
-            if peer_gone(client.sock):  # e.g. closed while idle between messages
+            # e.g. closed while idle between messages; not polled again when `alive` just
+            # looked (the sender asks it before each message): a poll is a system call and,
+            # with twenty lanes, a GIL hand-over
+            if time.monotonic() - self._looked_at > FRESH_LOOK and peer_gone(client.sock):
                 return self._lost("mail", reached=False, why="the server closed the idle connection")
             pipelined = self.capabilities.pipelining
             if pipelined:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -54,7 +55,7 @@ def make_token(secret: bytes, purpose: str, delivery_id: int) -> str:
             or not 0 <= delivery_id <= MAX_DELIVERY_ID:
         raise ValueError(f"delivery id must be an int in 0..2**63-1, got {delivery_id!r}")
     raw = _varint(delivery_id) + _mac(secret, purpose, delivery_id)
-    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+    return base64.b32encode(raw).rstrip(b"=").lower().decode("ascii")
 
 
 def read_token(secret: bytes, purpose: str, token: str) -> int | None:
@@ -102,8 +103,16 @@ def _check_secret(secret: bytes) -> None:
 
 def _mac(secret: bytes, purpose: str, delivery_id: int) -> bytes:
     # The id is fixed-width and last, so (purpose, id) pairs cannot collide through the NUL.
-    data = _CONTEXT + purpose.encode("utf-8") + b"\0" + delivery_id.to_bytes(8, "big")
-    return hmac.new(secret, data, hashlib.sha256).digest()[:_MAC_BYTES]
+    mac = _keyed(secret, purpose).copy()
+    mac.update(delivery_id.to_bytes(8, "big"))
+    return mac.digest()[:_MAC_BYTES]
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed(secret: bytes, purpose: str) -> hmac.HMAC:
+    """The HMAC with the key set up and the context and purpose fed in: copied per token,
+    which saves the key schedule and half the hashing of every token."""
+    return hmac.new(secret, _CONTEXT + purpose.encode("utf-8") + b"\0", hashlib.sha256)
 
 
 def _varint(number: int) -> bytes:

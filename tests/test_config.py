@@ -146,6 +146,9 @@ def test_only_database_is_required_and_the_rest_defaults(tmp_path: Path) -> None
     assert str(config.timezone) == "UTC"
     delivery = config.delivery
     assert (delivery.max_attempts, delivery.retry_after, delivery.give_up_after, delivery.lease) == (8, 300, 259200, 300)
+    assert delivery.one_cpu is True
+    assert parse({"database": "sqlite:///:memory:", "delivery": {"one_cpu": False}},
+                 tmp_path).delivery.one_cpu is False
     assert config.dns.nameservers == ()
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8025)
 
@@ -307,6 +310,7 @@ REFUSED = [
     (("delivery", "retry_after"), "5 minutes", 'delivery.retry_after: expected a positive duration like "30s", "5m", "72h", "30d", "1h30m" or seconds as an integer, got "5 minutes"'),
     (("delivery", "give_up_after"), "0h", "delivery.give_up_after: expected a positive duration"),
     (("delivery", "lease"), -5, "delivery.lease: expected a positive duration"),
+    (("delivery", "one_cpu"), "no", 'delivery.one_cpu: expected true or false, got "no"'),
     (("delivery", "leases"), "5m", "delivery.leases: unknown key (did you mean 'lease'?)"),
     (("delivery", "token"), "abc", f"delivery.token: {SECRET}; bulksend reads them only from environment variables named by *_env keys"),
     # [[accounts]]

@@ -4,6 +4,7 @@ SQLite and PostgreSQL against a real loopback server that never answers the dot.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -46,3 +47,19 @@ def test_stop_cuts_a_transaction_stuck_after_the_dot(engine: sa.Engine, tmp_path
         states = Counter(connection.execute(sa.select(models.deliveries.c.state)).scalars())
     assert states == Counter({"sent": 2, "unknown": 1, "queued": 17})
 
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin")
+def test_one_cpu_pins_the_calling_thread_and_undoes_it() -> None:
+    before = os.sched_getaffinity(0)
+    undo = sender._one_cpu()
+    try:
+        assert len(os.sched_getaffinity(0)) == 1 and os.sched_getaffinity(0) <= before
+        seen: list[set[int]] = []
+        thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        thread.start()
+        thread.join()
+        assert seen == [os.sched_getaffinity(0)]  # the loop's threads inherit it
+    finally:
+        undo()
+    assert os.sched_getaffinity(0) == before
