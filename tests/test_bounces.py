@@ -24,7 +24,7 @@ from tests.support.real import unavailable
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "bounces" / "flufl"
+CORPUS = Path(__file__).resolve().parent / "data" / "bounces" / "flufl"  # from ../shared/corpora
 SENDER = SenderConfig(from_address="News <news@example.com>", list_id="news.example.com",
                       return_path="bounces@example.com", unsubscribe_url="https://example.com/u",
                       unsubscribe_mailto="unsub@example.com")

@@ -275,7 +275,7 @@ def test_broken_mail_never_stops_the_rest(bulksend: Bulksend, workspace: Path,
     assert plain.code == 0 and "1-garbage.eml: unparseable" in plain.stderr
 
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "bounces" / "flufl"
+CORPUS = Path(__file__).resolve().parent / "data" / "bounces" / "flufl"  # from ../shared/corpora
 
 
 def test_import_of_the_flufl_corpus_finds_the_labelled_addresses(
