@@ -193,12 +193,15 @@ def event_counts(connection: Connection, campaign_id: int) -> dict[str, int]:
 
 
 def cancel_pending(connection: Connection, campaign_id: int, now: float) -> int:
-    """Cancel deliveries not yet handed to a server (queued or deferred); returns how many."""
+    """Cancel deliveries not yet handed to a server (queued, deferred, or claimed by a worker
+    that has not committed `sending`: its lease goes, so it withholds the dot); returns how
+    many."""
     result = connection.execute(
         sa.update(deliveries)
         .where(deliveries.c.campaign_id == campaign_id,
-               deliveries.c.state.in_(("queued", "deferred")))
-        .values(state="cancelled", updated_at=now)
+               deliveries.c.state.in_(("queued", "deferred", "claimed")))
+        .values(state="cancelled", lease_owner=None, lease_token=None, lease_expires_at=None,
+                updated_at=now)
     )
     return result.rowcount
 

@@ -65,6 +65,26 @@ def test_a_pause_stops_the_claimed_batch_and_resume_sends_the_rest_once(
     assert len(counts) == 300 and set(counts.values()) == {1}
 
 
+def test_a_cancel_while_sending_cancels_the_claimed_batch_too(
+        engine: sa.Engine, tmp_path: Path, smtp_server: Any) -> None:
+    boxes = servers(smtp_server, ["slow"])
+    box = boxes["slow"]
+    box.set_rules([{"stage": "dot", "action": "delay", "seconds": 0.02}])
+    prepare(engine, tmp_path, 300)
+    worker = make_sender(engine, [account(box, "slow")], clock=WallClock())
+    thread = threading.Thread(target=lambda: worker.run(once=True))
+    thread.start()
+    box.wait_for(lambda journal: len(journal) >= 10, timeout=30)
+    campaigns.cancel(engine, "c", time.time())
+    thread.join(60)
+    assert not thread.is_alive()
+    sent = len(box.delivered())
+    assert sent < 10 + 64 + 50, sent
+    # Nothing is left waiting in a cancelled campaign: what was not sent is cancelled.
+    assert states(engine) == Counter({"sent": sent, "cancelled": 300 - sent})
+    assert set(delivered(boxes).values()) == {1}
+
+
 def test_hard_bounces_at_rcpt_pause_the_campaign_while_it_sends(
         engine: sa.Engine, tmp_path: Path, smtp_server: Any) -> None:
     boxes = servers(smtp_server, ["isp"])
