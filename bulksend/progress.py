@@ -140,11 +140,14 @@ class SendProgress:
 
 
 def run_with_progress(worker: Sender, view: SendProgress, run: Callable[[], Report],
-                      states: Callable[[], Mapping[str, str]]) -> Report:
+                      states: Callable[[], Mapping[str, str]],
+                      clock: Callable[[], float] = time.monotonic) -> Report:
     """`run` the sender in a thread while this one draws `view`; Ctrl-C drains the sender.
 
-    The signal handlers stay in this (the main) thread: SIGTERM only sets `worker.stop`, and
-    the sender finishes its in-flight transactions and hands its claims back.
+    `states` (a store read) is called at most every STATES_EVERY seconds of `clock`, and
+    once more at the end. The signal handlers stay in this (the main) thread: SIGTERM only
+    sets `worker.stop`, and the sender finishes its in-flight transactions and hands its
+    claims back.
     """
     reports: list[Report] = []
     failures: list[BaseException] = []
@@ -157,14 +160,14 @@ def run_with_progress(worker: Sender, view: SendProgress, run: Callable[[], Repo
 
     thread = threading.Thread(target=work, name="bulksend-sender", daemon=True)
     seen: Mapping[str, str] = {}
-    read_at = -STATES_EVERY
+    read_at: float | None = None
     with view:
         thread.start()
         try:
             while thread.is_alive():
                 thread.join(REFRESH)
-                if time.monotonic() - read_at >= STATES_EVERY:
-                    seen, read_at = states(), time.monotonic()
+                if read_at is None or clock() - read_at >= STATES_EVERY:
+                    seen, read_at = states(), clock()
                 view.update(worker.report, seen)
             view.update(worker.report, states(), final=True)
         finally:

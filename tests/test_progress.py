@@ -6,6 +6,7 @@ import io
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 
 import pytest
 from rich.console import Console
@@ -114,11 +115,41 @@ def test_run_with_progress_reraises_the_senders_error_in_the_caller() -> None:
     assert worker.stop.is_set()
 
 
-def test_states_are_read_at_most_every_half_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(progress, "REFRESH", 0.01)
-    worker = FakeWorker()
-    reads = []
-    out, _ = console(terminal=False)
-    run_with_progress(worker, SendProgress(out, 1, ACCOUNTS), lambda: time.sleep(0.3) or Report(),
-                      lambda: reads.append(1) or {})
-    assert 1 <= len(reads) <= 3  # one at the start, the final one, at most one more
+class CountingView(SendProgress):
+    """A view that lets the sender finish only after `updates` loop passes."""
+
+    def __init__(self, updates: int) -> None:
+        out, _ = console(terminal=False)
+        super().__init__(out, 1, ACCOUNTS)
+        self.passes = 0
+        self.enough = threading.Event()
+        self.updates = updates
+
+    def update(self, report: Report, states: Mapping[str, str], final: bool = False) -> None:
+        if not final:
+            self.passes += 1
+            if self.passes >= self.updates:
+                self.enough.set()
+
+
+@pytest.mark.parametrize("step", [0.0, 0.5])
+def test_states_are_read_at_most_every_half_second(monkeypatch: pytest.MonkeyPatch,
+                                                   step: float) -> None:
+    # At least ten passes of the view loop; the clock moves `step` seconds at each reading.
+    monkeypatch.setattr(progress, "REFRESH", 0.001)
+    worker, view, reads = FakeWorker(), CountingView(10), []
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += step
+        return now[0]
+
+    def run() -> Report:
+        view.enough.wait(30)
+        return Report()
+
+    run_with_progress(worker, view, run, lambda: reads.append(1) or {}, clock)
+    loop_reads = len(reads) - 1  # the last one is the final, unconditional read
+    assert view.passes >= 10
+    # A still clock: read once, never again; half a second a reading: read on every pass.
+    assert loop_reads == (1 if step == 0.0 else view.passes)
