@@ -34,20 +34,6 @@ PENDING = ("queued", "deferred", "claimed")  # not yet at the final dot: can sti
 HANDED_OVER = ("sent", "failed", "unknown")  # a server saw the message (or may have)
 
 
-class PreparedRows(Prepared):
-    """A prepared statement whose every result row is wanted (a SELECT, UPDATE ... RETURNING)."""
-
-    def all(self, connection: Connection, row: dict[str, Any]) -> list[Any]:
-        """Execute once; all result rows."""
-        sql, defaults, order = self._for(connection.dialect)
-        merged = {**defaults, **row}
-        if order is None:  # a named-parameter driver (psycopg)
-            params: Any = merged
-        else:  # the positional names, or (store_sending's newer form) a getter of them
-            params = order(merged) if callable(order) else tuple(merged[k] for k in order)
-        return connection.exec_driver_sql(sql, params).all()
-
-
 # --- resolving events to deliveries ----------------------------------------------------------
 
 
@@ -252,7 +238,7 @@ def _pending_of_subscriber(everywhere: bool) -> list[sa.ColumnElement[bool]]:
 
 # everywhere → the UPDATE that stops the pending deliveries, returning their campaigns
 _PENDING = {
-    everywhere: PreparedRows(
+    everywhere: Prepared(
         sa.update(deliveries).where(*_pending_of_subscriber(everywhere))
         .values(state="suppressed", lease_owner=None, lease_token=None, lease_expires_at=None,
                 updated_at=sa.bindparam("b_now"))

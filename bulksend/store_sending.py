@@ -53,6 +53,15 @@ class Prepared:
             cursor.execute(sql, params)
             return cursor.fetchone()
 
+    def all(self, connection: Connection, row: dict[str, Any]) -> list[Any]:
+        """Execute once; every result row (tuples), e.g. of a SELECT or UPDATE ... RETURNING."""
+        sql, defaults, order = self._for(connection.dialect)
+        merged = {**defaults, **row}
+        params: Any = merged if order is None else order(merged)
+        with _cursor(connection, sql, params) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
     def _for(self, dialect: sa.Dialect) -> tuple[str, dict[str, Any], _Order]:
         key = (dialect.name, dialect.driver)
         found = self._compiled.get(key)

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from bulksend.models import campaign_lists, deliveries, list_members, lists
-from bulksend.store_bounces import DeliveryRef, PreparedRows
+from bulksend.store_bounces import DeliveryRef
+from bulksend.store_sending import Prepared
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class PageView:
     delivery: DeliveryRef  # what a POST unsubscribes
 
 
-_PAGE_VIEW = PreparedRows(  # built and compiled once: the server runs it for every request
+_PAGE_VIEW = Prepared(  # built and compiled once: the server runs it for every request
     sa.select(deliveries.c.id, deliveries.c.campaign_id, deliveries.c.subscriber_id,
               deliveries.c.email_key, deliveries.c.account, deliveries.c.email, lists.c.name)
     .select_from(

@@ -8,11 +8,13 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 
 from bulksend import campaigns, db, models
+from bulksend.sender import Report
 from tests.test_send import account, delivered, make_sender, prepare, servers
 
 
@@ -35,54 +37,51 @@ def states(engine: sa.Engine) -> Counter[str]:
         return Counter(connection.execute(sa.select(models.deliveries.c.state)).scalars())
 
 
-def test_a_pause_stops_the_claimed_batch_and_resume_sends_the_rest_once(
-        engine: sa.Engine, tmp_path: Path, smtp_server: Any) -> None:
-    boxes = servers(smtp_server, ["slow"])
-    box = boxes["slow"]
+def interrupted_send(engine: sa.Engine, tmp_path: Path, smtp_server: Any,
+                     interrupt: Callable[[], Any]) -> tuple[Any, Report]:
+    """300 recipients through one slow session (20 ms a message), all claimed in one batch;
+    `interrupt` runs once 10 have arrived. Returns the server and the run's report."""
+    box = servers(smtp_server, ["slow"])["slow"]
     box.set_rules([{"stage": "dot", "action": "delay", "seconds": 0.02}])
     prepare(engine, tmp_path, 300)
     worker = make_sender(engine, [account(box, "slow")], clock=WallClock())
-    reports = []
+    reports: list[Report] = []
     thread = threading.Thread(target=lambda: reports.append(worker.run(once=True)))
     thread.start()
     box.wait_for(lambda journal: len(journal) >= 10, timeout=30)
-    campaigns.pause(engine, "c", time.time())
+    interrupt()
     thread.join(60)
     assert not thread.is_alive()
-    # One lane claimed far more than were sent; after the pause at most the rest of its
-    # re-check chunk (64) and a second's worth went out, the others went back to the queue.
+    # The lane claimed far more than were sent; after the interrupt at most the rest of its
+    # re-check chunk (64) and a second's worth went out.
+    assert len(box.delivered()) < 10 + 64 + 50, len(box.delivered())
+    return box, reports[0]
+
+
+def test_a_pause_stops_the_claimed_batch_and_resume_sends_the_rest_once(
+        engine: sa.Engine, tmp_path: Path, smtp_server: Any) -> None:
+    box, report = interrupted_send(engine, tmp_path, smtp_server,
+                                   lambda: campaigns.pause(engine, "c", time.time()))
     sent_before = len(box.delivered())
-    assert sent_before < 10 + 64 + 50, sent_before
-    after_pause = states(engine)
-    assert after_pause["claimed"] == 0 and after_pause["sending"] == 0
-    assert after_pause["queued"] == 300 - sent_before
-    assert reports[0].sent == sent_before
+    assert report.sent == sent_before
+    # The claims not sent went back to the queue.
+    assert states(engine) == Counter({"sent": sent_before, "queued": 300 - sent_before})
 
     campaigns.resume(engine, "c", time.time())
     report = make_sender(engine, [account(box, "slow")], clock=WallClock()).run(once=True)
     assert report.sent == 300 - sent_before
-    counts = delivered(boxes)
+    counts = delivered({"slow": box})
     assert len(counts) == 300 and set(counts.values()) == {1}
 
 
 def test_a_cancel_while_sending_cancels_the_claimed_batch_too(
         engine: sa.Engine, tmp_path: Path, smtp_server: Any) -> None:
-    boxes = servers(smtp_server, ["slow"])
-    box = boxes["slow"]
-    box.set_rules([{"stage": "dot", "action": "delay", "seconds": 0.02}])
-    prepare(engine, tmp_path, 300)
-    worker = make_sender(engine, [account(box, "slow")], clock=WallClock())
-    thread = threading.Thread(target=lambda: worker.run(once=True))
-    thread.start()
-    box.wait_for(lambda journal: len(journal) >= 10, timeout=30)
-    campaigns.cancel(engine, "c", time.time())
-    thread.join(60)
-    assert not thread.is_alive()
+    box, _ = interrupted_send(engine, tmp_path, smtp_server,
+                              lambda: campaigns.cancel(engine, "c", time.time()))
     sent = len(box.delivered())
-    assert sent < 10 + 64 + 50, sent
     # Nothing is left waiting in a cancelled campaign: what was not sent is cancelled.
     assert states(engine) == Counter({"sent": sent, "cancelled": 300 - sent})
-    assert set(delivered(boxes).values()) == {1}
+    assert set(delivered({"slow": box}).values()) == {1}
 
 
 def test_hard_bounces_at_rcpt_pause_the_campaign_while_it_sends(
