@@ -258,7 +258,8 @@ class Recorder:
     def _write(self, connection: Connection, batch: list[_Request], careful: bool) -> list[Any]:
         """Every request of one round in one transaction; the answers in batch order.
 
-        Lock order as everywhere: deliveries, campaigns, account_state.
+        Lock order as everywhere: deliveries (this worker's own), then campaigns, then
+        account_state, each in key order (`store_sending.lock_in_order`).
         """
         now = self.clock()
         sendings = [r.delivery_id for r in batch if isinstance(r, _Sending)]
@@ -282,12 +283,15 @@ class Recorder:
                 if result.outcome.state == "sent":
                     sent[result.account] = sent.get(result.account, 0) + 1
                 answers[id(result)] = False
+        live = [r for r in results if r.outcome.delivery_id in held]
+        store_sending.lock_in_order(connection, [r.campaign_id for r in live],
+                                    [r.account for r in live])
         store_deliveries.finish_campaigns(connection, finished, now)
         store_sending.count_sent(connection, sent, now)
         for result in results:
             if result.apply is not None and result.outcome.delivery_id in held:
                 answers[id(result)] = result.apply(connection, now)
-        _run_guards(connection, [r for r in results if r.outcome.delivery_id in held], now)
+        _run_guards(connection, live, now)
         return [r.delivery_id in holding if isinstance(r, _Sending) else answers.get(id(r))
                 for r in batch]
 

@@ -8,7 +8,7 @@ travel as bind parameters (executemany).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -264,8 +264,27 @@ _COUNT_SENT = Prepared(sa.update(account_state).where(account_state.c.name == sa
                        failures=0, updated_at=sa.bindparam("b_now")))
 
 
+def lock_in_order(connection: Connection, campaign_ids: Iterable[int],
+                  account_names: Iterable[str]) -> None:
+    """Lock the campaigns, then the accounts, a round of results will write, each in key
+    order (PostgreSQL; SQLite transactions are serial already).
+
+    Without it two workers' rounds take the same rows in the order their results came in,
+    and deadlock: one holds account a1 and wants a2, the other holds a2 and wants a1.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    ids, names = sorted(set(campaign_ids)), sorted(set(account_names))
+    if ids:
+        connection.execute(sa.select(campaigns.c.id).where(campaigns.c.id.in_(ids))
+                           .order_by(campaigns.c.id).with_for_update()).all()
+    if names:
+        connection.execute(sa.select(account_state.c.name).where(account_state.c.name.in_(names))
+                           .order_by(account_state.c.name).with_for_update()).all()
+
+
 def count_sent(connection: Connection, sent: dict[str, int], now: float) -> None:
     """Add messages sent to the accounts' counters; a success ends a failure streak."""
     if sent:
         _COUNT_SENT.run(connection, [{"b_name": name, "b_sent": count, "b_now": now}
-                                         for name, count in sent.items()])
+                                         for name, count in sorted(sent.items())])
