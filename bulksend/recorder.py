@@ -284,8 +284,12 @@ class Recorder:
                     sent[result.account] = sent.get(result.account, 0) + 1
                 answers[id(result)] = False
         live = [r for r in results if r.outcome.delivery_id in held]
-        store_sending.lock_in_order(connection, [r.campaign_id for r in live],
-                                    [r.account for r in live])
+        if any(r.apply is not None or r.outcome.state == "failed" for r in live):
+            # The account actions and the guards below write rows in the order the results
+            # came in: take them all in key order first. Without them the writes are in key
+            # order already (finish_campaigns, then count_sent, each sorted).
+            store_sending.lock_in_order(connection, [r.campaign_id for r in live],
+                                        [r.account for r in live])
         store_deliveries.finish_campaigns(connection, finished, now)
         store_sending.count_sent(connection, sent, now)
         for result in results:
